@@ -1,0 +1,1 @@
+"""sandbox-gateway: one Docker container per user, behind one aiohttp service."""

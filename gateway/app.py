@@ -1,0 +1,68 @@
+"""The application factory: settings in, a wired web.Application out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import aiodocker
+import aiohttp
+from aiohttp import web
+
+from . import containers, db
+from .auth import auth_middleware
+from .execute import ExecRunner
+from .keys import DB, DOCKER, EXEC_RUNNER, SANDBOXES, SETTINGS
+from .middlewares import error_middleware
+from .routes import setup_routes
+from .sandboxes import Sandboxes
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Request/response calls to the engine; exec and attach streams drop the read timeouts themselves.
+DOCKER_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
+# The largest body: an exec with the largest code and stdin, JSON-escaped, with room to spare.
+CLIENT_MAX_SIZE_FLOOR = 1024 * 1024
+
+
+def create_app(settings: Settings) -> web.Application:
+    limits = settings.exec
+    client_max_size = max(CLIENT_MAX_SIZE_FLOOR, 2 * (limits.max_code_bytes + limits.max_stdin_bytes))
+    # Order: errors outermost, so that auth failures and everything below become JSON envelopes.
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=client_max_size)
+    app[SETTINGS] = settings
+    # Cleanup contexts unwind in reverse: the services go before the clients they use.
+    app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(docker_ctx)
+    app.cleanup_ctx.append(services_ctx)
+    setup_routes(app)
+    return app
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = await db.create_pool(app[SETTINGS].database_url)
+    try:
+        await db.apply_migrations(pool)
+        app[DB] = pool
+        yield
+    finally:
+        await db.close_pool(pool)
+
+
+async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    docker = aiodocker.Docker(url=settings.docker_host, timeout=DOCKER_TIMEOUT)
+    try:
+        await containers.ensure_network(docker, settings)
+        app[DOCKER] = docker
+        yield
+    finally:
+        await docker.close()
+
+
+async def services_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER])
+    app[EXEC_RUNNER] = ExecRunner(app[DOCKER], settings.exec)
+    yield

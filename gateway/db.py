@@ -1,0 +1,212 @@
+"""PostgreSQL: the pool, schema migrations, and every query on sessions.
+
+The sessions table is the record of which sandboxes exist; Docker labels are the other half of the
+truth. Memory never decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from .errors import CapacityExhausted, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+ACQUIRE_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 10.0
+# Keys of the advisory locks this app takes; the user lock adds the user name to its key.
+MIGRATION_LOCK = "sandbox-gateway:migrations"
+CAPACITY_LOCK = "sandbox-gateway:capacity"
+USER_LOCK_PREFIX = "sandbox-gateway:user:"
+
+# What asyncpg raises when the server is down, restarting or unreachable.
+CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+)
+
+
+# What a query function accepts: a bare connection or one lent by the pool.
+Connection = asyncpg.Connection | PoolConnectionProxy
+
+
+@dataclass(frozen=True)
+class Session:
+    user: str
+    state: str
+    container_id: str | None
+    host_port: int | None
+    created_at: datetime
+    last_activity: datetime
+    stopped_at: datetime | None
+    stop_reason: str | None
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> Session:
+        return cls(
+            user=record["user_id"],
+            state=record["state"],
+            container_id=record["container_id"],
+            host_port=record["host_port"],
+            created_at=record["created_at"],
+            last_activity=record["last_activity"],
+            stopped_at=record["stopped_at"],
+            stop_reason=record["stop_reason"],
+        )
+
+
+async def create_pool(dsn: str) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=20, command_timeout=30)
+    except CONNECTION_ERRORS as err:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {err}") from err
+    assert pool is not None
+    return pool
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("PostgreSQL pool did not close within %.0f s; terminating it", CLOSE_TIMEOUT_S)
+        pool.terminate()
+
+
+@asynccontextmanager
+async def connection(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
+    """A pooled connection; losing PostgreSQL inside the block becomes DatabaseUnavailable.
+
+    Callers translate their own foreign errors before they leave the block, so an OSError here
+    is always the database's.
+    """
+    try:
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            yield conn
+    except CONNECTION_ERRORS as err:
+        raise DatabaseUnavailable("PostgreSQL does not answer; try again shortly") from err
+
+
+async def apply_migrations(pool: asyncpg.Pool) -> None:
+    """Applies the numbered SQL files in gateway/migrations that the database has not seen.
+
+    The advisory lock makes concurrent gateway starts take turns instead of racing.
+    """
+    scripts = await asyncio.to_thread(_read_migrations)
+    async with connection(pool) as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, sql in scripts:
+            if version in applied:
+                continue
+            log.info("applying migration %03d %s", version, name)
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+
+
+def _read_migrations() -> list[tuple[int, str, str]]:
+    scripts = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            number, _, rest = entry.name.partition("_")
+            scripts.append((int(number), rest.removesuffix(".sql"), entry.read_text()))
+    return sorted(scripts)
+
+
+@asynccontextmanager
+async def user_lock(conn: Connection, user: str) -> AsyncIterator[None]:
+    """Holds the user's advisory lock: one start or stop per user at a time, across gateways.
+
+    A session-level lock rather than a transaction, so that the Docker work it guards does not
+    keep a transaction open; PostgreSQL drops it if the connection dies.
+    """
+    await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", USER_LOCK_PREFIX + user)
+    try:
+        yield
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", USER_LOCK_PREFIX + user)
+
+
+async def get_session(conn: Connection, user: str) -> Session | None:
+    record = await conn.fetchrow("SELECT * FROM sessions WHERE user_id = $1", user)
+    return Session.from_record(record) if record else None
+
+
+async def reserve_slot(conn: Connection, user: str, max_sandboxes: int) -> None:
+    """Marks the user's session as starting if the global cap allows one more active sandbox.
+
+    The capacity lock serialises only this count-and-insert, a few milliseconds, not the start itself.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", CAPACITY_LOCK)
+        active = await conn.fetchval(
+            "SELECT count(*) FROM sessions WHERE state IN ('starting', 'running') AND user_id <> $1", user
+        )
+        if active >= max_sandboxes:
+            raise CapacityExhausted(
+                f"all {max_sandboxes} sandboxes of this gateway are in use; try again later"
+            )
+        await conn.execute(
+            """
+            INSERT INTO sessions (user_id, state) VALUES ($1, 'starting')
+            ON CONFLICT (user_id) DO UPDATE SET
+                state = 'starting', container_id = NULL, host_port = NULL, created_at = now(),
+                last_activity = now(), stopped_at = NULL, stop_reason = NULL
+            """,
+            user,
+        )
+
+
+async def mark_running(conn: Connection, user: str, container_id: str, host_port: int) -> Session:
+    record = await conn.fetchrow(
+        """
+        UPDATE sessions SET state = 'running', container_id = $2, host_port = $3, last_activity = now()
+        WHERE user_id = $1 RETURNING *
+        """,
+        user,
+        container_id,
+        host_port,
+    )
+    assert record is not None, "the caller holds the user's lock, so the row it reserved is there"
+    return Session.from_record(record)
+
+
+async def mark_stopping(conn: Connection, user: str) -> None:
+    await conn.execute("UPDATE sessions SET state = 'stopping' WHERE user_id = $1", user)
+
+
+async def mark_stopped(conn: Connection, user: str, reason: str) -> None:
+    await conn.execute(
+        """
+        UPDATE sessions SET state = 'stopped', container_id = NULL, host_port = NULL,
+            stopped_at = now(), stop_reason = $2
+        WHERE user_id = $1
+        """,
+        user,
+        reason,
+    )
+
+
+async def touch(conn: Connection, user: str) -> None:
+    await conn.execute(
+        "UPDATE sessions SET last_activity = now() WHERE user_id = $1 AND state = 'running'", user
+    )
+
+
+async def ping(conn: Connection) -> None:
+    await conn.fetchval("SELECT 1")

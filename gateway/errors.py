@@ -1,0 +1,90 @@
+"""Every error the gateway answers with, as one tree.
+
+    GatewayError                      500 internal_error
+    ├── InvalidRequest                400 invalid_request
+    ├── Unauthorized                  401 unauthorized
+    ├── SandboxNotFound               404 sandbox_not_found
+    ├── SandboxNotRunning             409 sandbox_not_running
+    ├── PayloadTooLarge               413 payload_too_large
+    ├── UnsupportedMediaType          415 unsupported_media_type
+    ├── TooManyRequests               429 too_many_requests
+    ├── DockerFailed                  502 docker_error
+    │   └── SandboxStartFailed            sandbox_start_failed
+    └── ServiceUnavailable            503
+        ├── CapacityExhausted             capacity_exhausted
+        ├── DockerUnavailable             docker_unavailable
+        └── DatabaseUnavailable           database_unavailable
+
+Adapters raise these from foreign errors (``raise DockerUnavailable(...) from err``); the error
+middleware turns them into ``{"error": {"code", "message"}}``.
+"""
+
+
+class GatewayError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthorized"
+
+
+class SandboxNotFound(GatewayError):
+    status = 404
+    code = "sandbox_not_found"
+
+
+class SandboxNotRunning(GatewayError):
+    status = 409
+    code = "sandbox_not_running"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class TooManyRequests(GatewayError):
+    status = 429
+    code = "too_many_requests"
+
+
+class DockerFailed(GatewayError):
+    status = 502
+    code = "docker_error"
+
+
+class SandboxStartFailed(DockerFailed):
+    code = "sandbox_start_failed"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    code = "service_unavailable"
+
+
+class CapacityExhausted(ServiceUnavailable):
+    code = "capacity_exhausted"
+
+
+class DockerUnavailable(ServiceUnavailable):
+    code = "docker_unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"

@@ -1,0 +1,23 @@
+"""Every typed key under which the application keeps a shared object."""
+
+from __future__ import annotations
+
+import aiodocker
+import asyncpg
+from aiohttp import web
+
+from .execute import ExecRunner
+from .sandboxes import Sandboxes
+from .settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", asyncpg.Pool)
+DOCKER = web.AppKey("docker", aiodocker.Docker)
+SANDBOXES = web.AppKey("sandboxes", Sandboxes)
+EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
+OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
+# Routes reachable without a token; everything else is authenticated.
+PUBLIC_ROUTES = web.AppKey("public_routes", frozenset)
+
+# The authenticated user (the token's `sub`), set by the auth middleware.
+USER = web.RequestKey("user", str)

@@ -1,0 +1,105 @@
+"""The HTTP API: thin handlers that parse, call the lifecycle or the runner, and shape JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+
+from . import containers, db
+from .errors import GatewayError
+from .keys import DB, DOCKER, EXEC_RUNNER, OPENAPI_DOCUMENT, PUBLIC_ROUTES, SANDBOXES, SETTINGS, USER
+from .schemas import ExecBody, StartBody, exec_json, parse_body, session_json
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+HEALTH_TIMEOUT_S = 3.0
+
+
+async def start_sandbox(request: web.Request) -> web.Response:
+    await parse_body(request, StartBody, optional=True)
+    sandboxes = request.app[SANDBOXES]
+    user = request[USER]
+    result = await sandboxes.start(user)
+    body = session_json(result.session, request.app[SETTINGS], sandboxes.preview_url(user))
+    return web.json_response(body, status=201 if result.created else 200)
+
+
+async def get_sandbox(request: web.Request) -> web.Response:
+    sandboxes = request.app[SANDBOXES]
+    user = request[USER]
+    session = await sandboxes.get(user)
+    return web.json_response(session_json(session, request.app[SETTINGS], sandboxes.preview_url(user)))
+
+
+async def stop_sandbox(request: web.Request) -> web.Response:
+    await request.app[SANDBOXES].stop(request[USER])
+    return web.Response(status=204)
+
+
+async def exec_snippet(request: web.Request) -> web.Response:
+    body = await parse_body(request, ExecBody)
+    exec_request = body.to_request(request.app[SETTINGS])
+    user = request[USER]
+    runner = request.app[EXEC_RUNNER]
+    async with runner.slot(user):
+        container_id = await request.app[SANDBOXES].running_container(user)
+        result = await runner.run(container_id, exec_request)
+    return web.json_response(exec_json(result))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness, plus whether Docker and PostgreSQL answer; 503 when either does not."""
+    docker_ok, database_ok = await asyncio.gather(
+        _answers(containers.ping(request.app[DOCKER])), _answers(_ping_database(request))
+    )
+    ok = docker_ok and database_ok
+    body = {"status": "ok" if ok else "degraded", "docker": docker_ok, "database": database_ok}
+    return web.json_response(body, status=200 if ok else 503)
+
+
+async def _ping_database(request: web.Request) -> None:
+    async with db.connection(request.app[DB]) as conn:
+        await db.ping(conn)
+
+
+async def _answers(check: object) -> bool:
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            await check  # type: ignore[misc]
+    except (GatewayError, TimeoutError):
+        return False
+    return True
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_DOCUMENT], content_type="application/json")
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
+def _load_openapi() -> bytes:
+    document = resources.files(__package__).joinpath("openapi.json").read_bytes()
+    json.loads(document)  # fail at start-up, not on the first request, if it is broken
+    return document
+
+
+def setup_routes(app: web.Application) -> None:
+    app[OPENAPI_DOCUMENT] = _load_openapi()
+    router = app.router
+    router.add_post("/api/sandbox", start_sandbox)
+    router.add_get("/api/sandbox", get_sandbox, allow_head=False)
+    router.add_delete("/api/sandbox", stop_sandbox)
+    router.add_post("/api/sandbox/exec", exec_snippet)
+    public = [
+        router.add_get("/healthz", healthz, allow_head=False),
+        router.add_get("/api/openapi.json", openapi, allow_head=False),
+        router.add_get("/", index, allow_head=False),
+    ]
+    # The page's own files hold no secrets; the API calls they make carry the token.
+    public.extend(router.add_static("/static/", STATIC_DIR, append_version=True))
+    app[PUBLIC_ROUTES] = frozenset(public)

@@ -1,0 +1,90 @@
+"""The lifecycle of a user's sandbox: start, look up, stop. PostgreSQL rows and Docker agree here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import aiodocker
+import asyncpg
+
+from . import containers, db
+from .db import Session
+from .errors import SandboxNotFound, SandboxNotRunning
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# last_activity is written at most this often per user by ordinary use (the reaper's resolution).
+ACTIVITY_RESOLUTION = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class StartResult:
+    session: Session
+    created: bool
+
+
+class Sandboxes:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, docker: aiodocker.Docker) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._docker = docker
+
+    async def start(self, user: str) -> StartResult:
+        """Starts the user's sandbox, or returns the one that already runs.
+
+        The user's advisory lock makes concurrent starts for one user take turns: the second finds
+        the first one's container running. The capacity check happens in PostgreSQL so that it
+        holds across gateway processes.
+        """
+        async with db.connection(self._pool) as conn, db.user_lock(conn, user):
+            session = await db.get_session(conn, user)
+            if session and session.state == "running" and session.container_id:
+                if await containers.is_running(self._docker, session.container_id):
+                    return StartResult(session, created=False)
+                log.info("sandbox of %s is recorded as running but its container is not; restarting", user)
+                await containers.remove_container(self._docker, session.container_id)
+            await db.reserve_slot(conn, user, self._settings.max_sandboxes)
+            try:
+                started = await containers.create_and_start(self._docker, self._settings, user)
+            except BaseException:
+                await db.mark_stopped(conn, user, "start_failed")
+                raise
+            session = await db.mark_running(conn, user, started.id, started.host_port)
+            log.info("started sandbox of %s (container %.12s)", user, started.id)
+            return StartResult(session, created=True)
+
+    async def get(self, user: str) -> Session:
+        async with db.connection(self._pool) as conn:
+            session = await db.get_session(conn, user)
+        if session is None:
+            raise SandboxNotFound("you have no sandbox; start one with POST /api/sandbox")
+        return session
+
+    async def stop(self, user: str, reason: str = "user") -> None:
+        """Removes the user's container; the workspace volume stays."""
+        async with db.connection(self._pool) as conn, db.user_lock(conn, user):
+            session = await db.get_session(conn, user)
+            if session is None or session.state == "stopped":
+                raise SandboxNotFound("you have no running sandbox")
+            await db.mark_stopping(conn, user)
+            # A start that died half-way left no id, only the container's deterministic name.
+            target = session.container_id or containers.container_name(self._settings, user)
+            await containers.remove_container(self._docker, target)
+            await db.mark_stopped(conn, user, reason)
+            log.info("stopped sandbox of %s (%s)", user, reason)
+
+    async def running_container(self, user: str) -> str:
+        """The id of the user's running container, for exec and friends; counts as activity."""
+        async with db.connection(self._pool) as conn:
+            session = await db.get_session(conn, user)
+            if session is None or session.state != "running" or not session.container_id:
+                raise SandboxNotRunning("your sandbox is not running; start it with POST /api/sandbox")
+            if datetime.now(UTC) - session.last_activity > ACTIVITY_RESOLUTION:
+                await db.touch(conn, user)
+        return session.container_id
+
+    def preview_url(self, user: str) -> str:
+        return f"{self._settings.public_url or ''}/preview/{user}/"

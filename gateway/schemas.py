@@ -1,0 +1,93 @@
+"""Request bodies, validated at the door, and the JSON shapes of responses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, TypeVar
+
+import pydantic
+from aiohttp import web
+
+from .db import Session
+from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .execute import ExecRequest, ExecResult
+from .settings import Settings
+
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+
+
+class StrictModel(pydantic.BaseModel):
+    # strict: "5" is not an int and 1 is not a string; forbid: a misspelt field is an error, not ignored.
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class StartBody(StrictModel):
+    """POST /api/sandbox takes no options yet; an empty body or {} is fine."""
+
+
+class ExecBody(StrictModel):
+    language: Literal["node", "python", "bash"]
+    code: str = pydantic.Field(min_length=1)
+    stdin: str | None = None
+    timeout_ms: int | None = pydantic.Field(default=None, ge=1)
+
+    def to_request(self, settings: Settings) -> ExecRequest:
+        limits = settings.exec
+        code_bytes = len(self.code.encode())
+        if code_bytes > limits.max_code_bytes:
+            raise PayloadTooLarge(f"code: {code_bytes} bytes, at most {limits.max_code_bytes} allowed")
+        if "\x00" in self.code:
+            raise InvalidRequest("code: must not contain NUL characters")
+        stdin = (self.stdin or "").encode()
+        if len(stdin) > limits.max_stdin_bytes:
+            raise PayloadTooLarge(f"stdin: {len(stdin)} bytes, at most {limits.max_stdin_bytes} allowed")
+        timeout_ms = self.timeout_ms or limits.default_timeout_ms
+        if timeout_ms > limits.max_timeout_ms:
+            raise InvalidRequest(f"timeout_ms: at most {limits.max_timeout_ms} allowed")
+        return ExecRequest(language=self.language, code=self.code, stdin=stdin, timeout_ms=timeout_ms)
+
+
+async def parse_body(request: web.Request, model: type[Model], *, optional: bool = False) -> Model:
+    """The request's JSON body as `model`; InvalidRequest names the offending field."""
+    content_type = request.headers.get("Content-Type")
+    body = await request.read()
+    if optional and not body.strip():
+        return model()
+    if content_type is not None and request.content_type != "application/json":
+        raise UnsupportedMediaType("send the body as application/json")
+    try:
+        return model.model_validate_json(body)
+    except pydantic.ValidationError as err:
+        raise InvalidRequest(_describe(err)) from None
+
+
+def _describe(err: pydantic.ValidationError) -> str:
+    problems = []
+    for error in err.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
+def session_json(session: Session, settings: Settings, preview_url: str) -> dict[str, Any]:
+    return {
+        "user": session.user,
+        "state": session.state,
+        "created_at": session.created_at.isoformat(),
+        "last_activity": session.last_activity.isoformat(),
+        "stopped_at": session.stopped_at.isoformat() if session.stopped_at else None,
+        "stop_reason": session.stop_reason,
+        "limits": {
+            "memory_mb": settings.limits.memory_mb,
+            "cpus": settings.limits.cpus,
+            "pids": settings.limits.pids,
+        },
+        "preview_url": preview_url,
+    }
+
+
+def exec_json(result: ExecResult) -> dict[str, Any]:
+    return dataclasses.asdict(result)

@@ -1,0 +1,162 @@
+"""Configuration, read once from the environment into an immutable Settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
+DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxLimits:
+    memory_mb: int = 512
+    cpus: float = 1.0
+    pids: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecSettings:
+    default_timeout_ms: int = 10_000
+    max_timeout_ms: int = 60_000
+    max_output_bytes: int = 1024 * 1024
+    # Code travels as one argv string, which Linux caps at 128 KiB (MAX_ARG_STRLEN).
+    max_code_bytes: int = 100 * 1024
+    max_stdin_bytes: int = 1024 * 1024
+    max_concurrent_per_user: int = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Either a shared secret (HS*) or a public key file (RS*/ES*/PS*/EdDSA); the algorithm is pinned here.
+    jwt_algorithm: str = "HS256"
+    jwt_key: str = field(repr=False)
+    database_url: str = field(repr=False)
+    docker_host: str | None = None
+    # Names this deployment's containers, volumes and network; labels carry it too.
+    gateway_name: str = "sandbox-gateway"
+    sandbox_image: str = "sandbox-gateway/sandbox:latest"
+    sandbox_network: str = "sandbox-gateway"
+    ca_bundle: str | None = DEFAULT_CA_BUNDLE
+    max_sandboxes: int = 50
+    limits: SandboxLimits = SandboxLimits()
+    idle_timeout_s: int = 1800
+    exec: ExecSettings = ExecSettings()
+    public_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        return cls(
+            host=env.get("GATEWAY_HOST", "127.0.0.1"),
+            port=_int(env, "GATEWAY_PORT", 8080, minimum=0),
+            jwt_algorithm=env.get("GATEWAY_JWT_ALGORITHM", "").strip() or _default_algorithm(env),
+            jwt_key=_jwt_key(env),
+            database_url=_required(env, "DATABASE_URL"),
+            docker_host=env.get("DOCKER_HOST") or None,
+            gateway_name=env.get("GATEWAY_NAME", "sandbox-gateway"),
+            sandbox_image=env.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest"),
+            sandbox_network=env.get("SANDBOX_NETWORK", "sandbox-gateway"),
+            ca_bundle=_ca_bundle(env),
+            max_sandboxes=_int(env, "MAX_SANDBOXES", 50, minimum=1),
+            limits=SandboxLimits(
+                memory_mb=_int(env, "SANDBOX_MEMORY_MB", 512, minimum=16),
+                cpus=_float(env, "SANDBOX_CPUS", 1.0),
+                pids=_int(env, "SANDBOX_PIDS", 256, minimum=16),
+            ),
+            idle_timeout_s=_int(env, "SANDBOX_IDLE_TIMEOUT_S", 1800, minimum=1),
+            exec=ExecSettings(
+                default_timeout_ms=_int(env, "EXEC_DEFAULT_TIMEOUT_MS", 10_000, minimum=1),
+                max_timeout_ms=_int(env, "EXEC_MAX_TIMEOUT_MS", 60_000, minimum=1),
+                max_output_bytes=_int(env, "EXEC_MAX_OUTPUT_BYTES", 1024 * 1024, minimum=1),
+                max_stdin_bytes=_int(env, "EXEC_MAX_STDIN_BYTES", 1024 * 1024, minimum=0),
+                max_concurrent_per_user=_int(env, "EXEC_MAX_CONCURRENT_PER_USER", 4, minimum=1),
+            ),
+            public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/") or None,
+        )
+
+    def __post_init__(self) -> None:
+        if self.jwt_algorithm not in SYMMETRIC_ALGORITHMS | ASYMMETRIC_ALGORITHMS:
+            raise SettingsError(f"GATEWAY_JWT_ALGORITHM: unsupported algorithm {self.jwt_algorithm!r}")
+        # A public key used as an HMAC secret would let anyone who has the key forge tokens.
+        is_pem = self.jwt_key.lstrip().startswith("-----BEGIN")
+        if self.jwt_algorithm in SYMMETRIC_ALGORITHMS:
+            if is_pem:
+                raise SettingsError(f"{self.jwt_algorithm} needs GATEWAY_JWT_SECRET, not a key file")
+            if len(self.jwt_key.encode()) < 32:
+                raise SettingsError("GATEWAY_JWT_SECRET must be at least 32 bytes long")
+        elif not is_pem:
+            raise SettingsError(f"{self.jwt_algorithm} needs a PEM public key in GATEWAY_JWT_PUBLIC_KEY_FILE")
+        if self.exec.default_timeout_ms > self.exec.max_timeout_ms:
+            raise SettingsError("EXEC_DEFAULT_TIMEOUT_MS must not exceed EXEC_MAX_TIMEOUT_MS")
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise SettingsError(f"{name} is required")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not 0 < value <= 1024:
+        raise SettingsError(f"{name} must be between 0 and 1024, got {value}")
+    return value
+
+
+def _default_algorithm(env: Mapping[str, str]) -> str:
+    return "RS256" if env.get("GATEWAY_JWT_PUBLIC_KEY_FILE") else "HS256"
+
+
+def _jwt_key(env: Mapping[str, str]) -> str:
+    key_file = env.get("GATEWAY_JWT_PUBLIC_KEY_FILE", "").strip()
+    secret = env.get("GATEWAY_JWT_SECRET", "")
+    if key_file and secret:
+        raise SettingsError("set GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY_FILE, not both")
+    if key_file:
+        try:
+            return Path(key_file).read_text()
+        except OSError as err:
+            raise SettingsError(f"GATEWAY_JWT_PUBLIC_KEY_FILE: cannot read {key_file}: {err}") from err
+    if not secret:
+        raise SettingsError("GATEWAY_JWT_SECRET (or GATEWAY_JWT_PUBLIC_KEY_FILE) is required")
+    return secret
+
+
+def _ca_bundle(env: Mapping[str, str]) -> str | None:
+    # An explicit empty value means: mount no bundle, keep the image's own.
+    if "SANDBOX_CA_BUNDLE" in env:
+        value = env["SANDBOX_CA_BUNDLE"].strip()
+        if value and not Path(value).is_file():
+            raise SettingsError(f"SANDBOX_CA_BUNDLE: {value} is not a file")
+        return value or None
+    return DEFAULT_CA_BUNDLE if Path(DEFAULT_CA_BUNDLE).is_file() else None
