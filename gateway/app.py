@@ -9,7 +9,7 @@ import aiodocker
 import aiohttp
 from aiohttp import web
 
-from . import containers, db
+from . import db
 from .auth import auth_middleware
 from .execute import ExecRunner
 from .keys import DB, DOCKER, EXEC_RUNNER, SANDBOXES, SETTINGS
@@ -54,7 +54,7 @@ async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     docker = aiodocker.Docker(url=settings.docker_host, timeout=DOCKER_TIMEOUT)
     try:
-        await containers.ensure_network(docker, settings)
+        # Not ensure_network here: the gateway starts, and says 503, while the engine is down.
         app[DOCKER] = docker
         yield
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -27,6 +27,8 @@ CLOSE_TIMEOUT_S = 10.0
 MIGRATION_LOCK = "sandbox-gateway:migrations"
 CAPACITY_LOCK = "sandbox-gateway:capacity"
 USER_LOCK_PREFIX = "sandbox-gateway:user:"
+# Docker's own duplicate check on network names is best-effort; concurrent creations take turns here.
+NETWORK_LOCK = "sandbox-gateway:network"
 
 # What asyncpg raises when the server is down, restarting or unreachable.
 CONNECTION_ERRORS = (
@@ -129,17 +131,22 @@ def _read_migrations() -> list[tuple[int, str, str]]:
 
 
 @asynccontextmanager
-async def user_lock(conn: Connection, user: str) -> AsyncIterator[None]:
-    """Holds the user's advisory lock: one start or stop per user at a time, across gateways.
+async def advisory_lock(conn: Connection, key: str) -> AsyncIterator[None]:
+    """Holds a named lock across every gateway on this database.
 
-    A session-level lock rather than a transaction, so that the Docker work it guards does not
-    keep a transaction open; PostgreSQL drops it if the connection dies.
+    Session-level rather than in a transaction, so that the Docker work it guards does not keep a
+    transaction open; PostgreSQL drops it if the connection dies.
     """
-    await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", USER_LOCK_PREFIX + user)
+    await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
     try:
         yield
     finally:
-        await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", USER_LOCK_PREFIX + user)
+        await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+
+
+def user_lock(conn: Connection, user: str) -> AbstractAsyncContextManager[None]:
+    """One start or stop per user at a time."""
+    return advisory_lock(conn, USER_LOCK_PREFIX + user)
 
 
 async def get_session(conn: Connection, user: str) -> Session | None:

@@ -31,6 +31,8 @@ class Sandboxes:
         self._settings = settings
         self._pool = pool
         self._docker = docker
+        # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
+        self._network_ready = False
 
     async def start(self, user: str) -> StartResult:
         """Starts the user's sandbox, or returns the one that already runs.
@@ -48,8 +50,13 @@ class Sandboxes:
                 await containers.remove_container(self._docker, session.container_id)
             await db.reserve_slot(conn, user, self._settings.max_sandboxes)
             try:
+                if not self._network_ready:
+                    async with db.advisory_lock(conn, db.NETWORK_LOCK):
+                        await containers.ensure_network(self._docker, self._settings)
+                    self._network_ready = True
                 started = await containers.create_and_start(self._docker, self._settings, user)
             except BaseException:
+                self._network_ready = False
                 await db.mark_stopped(conn, user, "start_failed")
                 raise
             session = await db.mark_running(conn, user, started.id, started.host_port)

@@ -8,6 +8,7 @@ want=$(sha256sum "$lock" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     exit 0
 fi
+command -v python3 >/dev/null || apt_install python3 python3-venv
 if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
     apt_install python3-venv
 fi

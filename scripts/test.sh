@@ -1,0 +1,19 @@
+#!/bin/bash
+# The second README command: sets up what the suite needs (venv, Docker engine, sandbox image,
+# PostgreSQL binaries; the suite starts its own throwaway cluster), checks style and types, and runs
+# every test. Arguments go to pytest.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+"$ROOT/scripts/ensure-venv.sh"
+"$ROOT/scripts/ensure-docker.sh"
+"$ROOT/scripts/build-image.sh"
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_install postgresql
+
+cd "$ROOT"
+say "ruff and mypy"
+"$VENV/bin/ruff" check gateway tests bench
+"$VENV/bin/ruff" format --check --quiet gateway tests bench
+"$VENV/bin/mypy" gateway
+say "pytest"
+exec "$VENV/bin/pytest" "$@"

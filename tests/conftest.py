@@ -1,0 +1,150 @@
+"""Fixtures that start real services: a throwaway PostgreSQL cluster, the Docker engine the set-up
+started, and the real application built by create_app. Missing infrastructure fails the run with
+what to install; nothing here skips."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiodocker
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.containers import LABEL_GATEWAY
+from gateway.settings import ExecSettings, SandboxLimits, Settings
+
+from .helpers import JWT_SECRET, MakeClient
+
+SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest")
+
+
+def _postgres_bin() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not candidates:
+        pytest.fail(
+            "PostgreSQL server binaries not found: apt-get install postgresql (or set TEST_DATABASE_URL)"
+        )
+    return candidates[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A DSN to the `postgres` database of a throwaway cluster (or of TEST_DATABASE_URL)."""
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        yield url
+        return
+    pg_bin = _postgres_bin()
+    # initdb refuses root; the postgres user must own the folder, which /tmp lets it reach.
+    folder = Path(tempfile.mkdtemp(prefix="sgtest-pg-"))
+    shutil.chown(folder, "postgres")
+
+    def as_postgres(*args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True)
+
+    try:
+        as_postgres(
+            str(pg_bin / "initdb"), "--no-sync", "-A", "trust", "-U", "postgres", "-D", f"{folder}/data"
+        )
+        as_postgres(
+            str(pg_bin / "pg_ctl"), "-D", f"{folder}/data", "-l", f"{folder}/log", "-w", "-o",
+            f"-c listen_addresses='' -c unix_socket_directories='{folder}' -c fsync=off", "start",
+        )  # fmt: skip
+    except subprocess.CalledProcessError as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"could not start a throwaway PostgreSQL cluster: {err.stderr.decode()}")
+    try:
+        yield f"postgresql://postgres@/postgres?host={folder}"
+    finally:
+        stop = [str(pg_bin / "pg_ctl"), "-D", f"{folder}/data", "-m", "immediate", "stop"]
+        subprocess.run(["runuser", "-u", "postgres", "--", *stop], check=False, capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def database_url(postgres_server: str) -> AsyncIterator[str]:
+    """A fresh, empty database for one test."""
+    name = f"sgtest_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(postgres_server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        yield postgres_server.replace("/postgres?", f"/{name}?", 1)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def docker() -> AsyncIterator[aiodocker.Docker]:
+    client = aiodocker.Docker()
+    try:
+        await client.version()
+    except (aiodocker.DockerError, OSError) as err:
+        await client.close()
+        pytest.fail(
+            f"no Docker engine answers ({err}); `make test` starts one, or: apt-get install docker.io"
+        )
+    try:
+        await client.images.inspect(SANDBOX_IMAGE)
+    except aiodocker.DockerError:
+        await client.close()
+        pytest.fail(f"image {SANDBOX_IMAGE} is missing; `make test` builds it (scripts/build-image.sh)")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def gateway_name() -> str:
+    return f"sgtest-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+async def settings(database_url: str, docker: aiodocker.Docker, gateway_name: str) -> AsyncIterator[Settings]:
+    """Settings for one test's gateway: its own database, container names and network, all removed after."""
+    yield Settings(
+        jwt_key=JWT_SECRET,
+        database_url=database_url,
+        gateway_name=gateway_name,
+        sandbox_network=gateway_name,
+        sandbox_image=SANDBOX_IMAGE,
+        limits=SandboxLimits(memory_mb=256, cpus=1.0, pids=128),
+        exec=ExecSettings(),
+    )
+    await remove_gateway_objects(docker, gateway_name)
+
+
+async def remove_gateway_objects(docker: aiodocker.Docker, gateway_name: str) -> None:
+    label = {"label": [f"{LABEL_GATEWAY}={gateway_name}"]}
+    for container in await docker.containers.list(all="1", filters=json.dumps(label)):
+        await container.delete(force=True)
+    volumes = await docker.volumes.list(filters=label)
+    for volume in volumes.get("Volumes") or []:
+        await (await docker.volumes.get(volume["Name"])).delete()
+    for network in await docker.networks.list(filters=label):
+        await (await docker.networks.get(network["Id"])).delete()
+
+
+@pytest.fixture
+async def make_client(settings: Settings, aiohttp_client: Callable[..., Awaitable[TestClient]]) -> MakeClient:
+    """Builds the real application, optionally with some settings changed."""
+
+    async def make(**changes: object) -> TestClient:
+        return await aiohttp_client(create_app(replace(settings, **changes)))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> TestClient:
+    return await make_client()

@@ -1,0 +1,53 @@
+"""Helpers shared by the tests: tokens and polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+
+import aiodocker
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.auth import mint_token
+from gateway.keys import DB
+from gateway.settings import Settings
+
+JWT_SECRET = secrets.token_urlsafe(48)
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+def auth(user: str, lifetime_s: int = 600) -> dict[str, str]:
+    """Headers that authenticate as `user` with a token signed by the test secret."""
+    token = mint_token(user, Settings(jwt_key=JWT_SECRET, database_url="unused"), lifetime_s)
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def poll(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0, interval_s: float = 0.05
+) -> None:
+    """Waits until `check` is true; fails the test when the deadline passes first."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+async def running_container_id(client: TestClient, user: str) -> str:
+    """The container id the gateway recorded for `user`, read from its database."""
+    async with client.app[DB].acquire() as conn:
+        container_id = await conn.fetchval("SELECT container_id FROM sessions WHERE user_id = $1", user)
+    assert isinstance(container_id, str)
+    return container_id
+
+
+async def docker_shell_ok(docker: aiodocker.Docker, container_id: str, command: list[str]) -> bool:
+    """Runs `command` in the container directly over the Docker API; whether it exited 0."""
+    execution = await docker.containers.container(container_id).exec(command, user="sandbox")
+    async with execution.start(detach=False) as stream:
+        while await stream.read_out() is not None:
+            pass
+    return (await execution.inspect())["ExitCode"] == 0

@@ -1,0 +1,107 @@
+"""Token verification: pure unit tests, plus the middleware through the real application."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from aiohttp.test_utils import TestClient
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from gateway.auth import verify_token
+from gateway.errors import Unauthorized
+from gateway.settings import Settings, SettingsError
+
+from .helpers import JWT_SECRET, auth
+
+SETTINGS = Settings(jwt_key=JWT_SECRET, database_url="unused")
+
+
+def token(claims: dict[str, object], key: str = JWT_SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def valid_claims(**changes: object) -> dict[str, object]:
+    return {"sub": "alice", "exp": int(time.time()) + 60, **changes}
+
+
+def test_valid_token_names_its_user() -> None:
+    assert verify_token(token(valid_claims()), SETTINGS) == "alice"
+
+
+@pytest.mark.parametrize(
+    ("bad_token", "reason"),
+    [
+        (token(valid_claims(exp=int(time.time()) - 60)), "expired"),
+        (token({"sub": "alice"}), "no exp"),
+        (token({"exp": int(time.time()) + 60}), "no sub"),
+        (token(valid_claims(), key="another-secret-that-is-long-enough-32"), "forged"),
+        (token(valid_claims(), algorithm="HS512"), "algorithm not pinned"),
+        (jwt.encode(valid_claims(), None, algorithm="none"), "alg none"),
+        (token(valid_claims(sub="../bob")), "sub with a path"),
+        (token(valid_claims(sub="a" * 65)), "sub too long"),
+        (token(valid_claims(sub="")), "empty sub"),
+        (token(valid_claims(sub=42)), "sub not a string"),
+        ("not.a.token", "garbage"),
+        ("", "empty"),
+    ],
+)
+def test_bad_tokens_are_unauthorized(bad_token: str, reason: str) -> None:
+    with pytest.raises(Unauthorized):
+        verify_token(bad_token, SETTINGS)
+
+
+def test_public_key_algorithms(tmp_path: Path) -> None:
+    for private_key, algorithm in [
+        (rsa.generate_private_key(public_exponent=65537, key_size=2048), "RS256"),
+        (ec.generate_private_key(ec.SECP256R1()), "ES256"),
+    ]:
+        public_pem = (
+            private_key.public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            .decode()
+        )
+        key_file = tmp_path / f"{algorithm}.pem"
+        key_file.write_text(public_pem)
+        settings = Settings.from_env(
+            {
+                "GATEWAY_JWT_PUBLIC_KEY_FILE": str(key_file),
+                "GATEWAY_JWT_ALGORITHM": algorithm,
+                "DATABASE_URL": "x",
+            }
+        )
+        assert verify_token(token(valid_claims(), key=private_key, algorithm=algorithm), settings) == "alice"  # type: ignore[arg-type]
+        # The public key must never work as an HMAC secret (the classic algorithm confusion).
+        with pytest.raises(SettingsError):
+            Settings(jwt_key=public_pem, jwt_algorithm="HS256", database_url="x")
+
+
+@pytest.mark.docker
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Basic YWxpY2U6cHc="},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer not-a-jwt"},
+        {"Authorization": f"Bearer {token(valid_claims(exp=1))}"},
+    ],
+)
+async def test_api_refuses_missing_or_bad_tokens(client: TestClient, headers: dict[str, str]) -> None:
+    for method, path in [("GET", "/api/sandbox"), ("POST", "/api/sandbox"), ("DELETE", "/api/sandbox"),
+                         ("POST", "/api/sandbox/exec")]:  # fmt: skip
+        response = await client.request(method, path, headers=headers)
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.docker
+@pytest.mark.postgres
+async def test_expired_token_says_so(client: TestClient) -> None:
+    response = await client.get("/api/sandbox", headers=auth("alice", lifetime_s=-60))
+    assert response.status == 401
+    assert "expired" in (await response.json())["error"]["message"]

@@ -1,0 +1,55 @@
+"""Health, the OpenAPI document, and the error envelope for what no route matches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+import gateway
+
+from .helpers import MakeClient, auth
+
+pytestmark = [pytest.mark.docker, pytest.mark.postgres]
+
+
+async def test_healthz_reports_docker_and_database(client: TestClient) -> None:
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok", "docker": True, "database": True}
+
+
+async def test_without_docker_the_gateway_runs_and_says_503(make_client: MakeClient) -> None:
+    client = await make_client(docker_host="unix:///nonexistent/docker.sock")
+    response = await client.get("/healthz")
+    assert response.status == 503
+    assert await response.json() == {"status": "degraded", "docker": False, "database": True}
+    start = await client.post("/api/sandbox", headers=auth("alice"))
+    assert start.status == 503
+    assert (await start.json())["error"]["code"] == "docker_unavailable"
+
+
+async def test_openapi_document_is_served_as_committed(client: TestClient) -> None:
+    response = await client.get("/api/openapi.json")
+    assert response.status == 200
+    committed = json.loads((Path(gateway.__file__).parent / "openapi.json").read_text())
+    served = await response.json()
+    assert served == committed
+    assert set(served["paths"]) >= {"/api/sandbox", "/api/sandbox/exec", "/healthz"}
+
+
+async def test_unknown_path_and_method_get_json_errors(client: TestClient) -> None:
+    missing = await client.get("/api/nothing-here")
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "not_found"
+    wrong_method = await client.put("/api/sandbox")
+    assert wrong_method.status == 405
+    assert (await wrong_method.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_page_is_served_without_a_token(client: TestClient) -> None:
+    response = await client.get("/")
+    assert response.status == 200
+    assert "sandbox-gateway" in await response.text()
