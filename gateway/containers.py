@@ -7,12 +7,14 @@ engine is unavailable.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 import aiodocker
 
-from .errors import DockerFailed, DockerUnavailable, SandboxStartFailed
+from .errors import DockerFailed, DockerUnavailable, GatewayError, SandboxStartFailed
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,46 +86,60 @@ def container_config(settings: Settings, user: str) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def docker_errors(doing: str, refused: type[DockerFailed] = DockerFailed) -> Iterator[None]:
+    """Translates what the engine raises while `doing` something into the gateway's errors."""
+    try:
+        yield
+    except aiodocker.DockerError as err:
+        if err.status == DOCKER_TRANSPORT_ERROR:
+            raise DockerUnavailable(f"the Docker engine does not answer ({doing})") from err
+        raise refused(f"Docker refused {doing}: {err.message}") from err
+    except TimeoutError as err:
+        raise DockerUnavailable(f"the Docker engine did not answer in time ({doing})") from err
+
+
 async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
     """Creates the sandboxes' bridge network, on which containers cannot talk to each other."""
-    try:
-        await docker.networks.get(settings.sandbox_network)
-        return
-    except aiodocker.DockerError as err:
-        if err.status != 404:
-            raise translate(err, "inspecting the sandbox network") from err
-    try:
-        await docker.networks.create(
-            {
-                "Name": settings.sandbox_network,
-                "Driver": "bridge",
-                "CheckDuplicate": True,
-                "Options": {"com.docker.network.bridge.enable_icc": "false"},
-                "Labels": {LABEL_GATEWAY: settings.gateway_name},
-            }
-        )
-    except aiodocker.DockerError as err:
-        # Another gateway created it at the same moment.
-        if err.status != 409:
-            raise translate(err, "creating the sandbox network") from err
+    with docker_errors("preparing the sandbox network"):
+        try:
+            await docker.networks.get(settings.sandbox_network)
+            return
+        except aiodocker.DockerError as err:
+            if err.status != 404:
+                raise
+        try:
+            await docker.networks.create(
+                {
+                    "Name": settings.sandbox_network,
+                    "Driver": "bridge",
+                    "CheckDuplicate": True,
+                    "Options": {"com.docker.network.bridge.enable_icc": "false"},
+                    "Labels": {LABEL_GATEWAY: settings.gateway_name},
+                }
+            )
+        except aiodocker.DockerError as err:
+            # Another gateway created it at the same moment.
+            if err.status != 409:
+                raise
 
 
 async def create_and_start(docker: aiodocker.Docker, settings: Settings, user: str) -> StartedContainer:
+    """Creates and starts the user's container; on any failure, removes what it made."""
     config = container_config(settings, user)
     name = container_name(settings, user)
-    try:
+    with docker_errors("creating the sandbox container", SandboxStartFailed):
         container = await _create_replacing_leftover(docker, config, name)
-    except aiodocker.DockerError as err:
-        raise translate(err, "creating the sandbox container", SandboxStartFailed) from err
     try:
-        await container.start()
-        info = await container.show()
+        with docker_errors("starting the sandbox container", SandboxStartFailed):
+            await container.start()
+            info = await container.show()
         return StartedContainer(id=container.id, host_port=_published_port(info))
-    except (aiodocker.DockerError, LookupError, ValueError) as err:
-        await remove_container(docker, container.id)
-        if isinstance(err, aiodocker.DockerError):
-            raise translate(err, "starting the sandbox container", SandboxStartFailed) from err
-        raise SandboxStartFailed(f"the sandbox container published no port for {PREVIEW_PORT}") from err
+    except BaseException:
+        # Best effort: the original failure is the one worth reporting.
+        with suppress(GatewayError):
+            await remove_container(docker, container.id)
+        raise
 
 
 async def _create_replacing_leftover(
@@ -142,40 +158,34 @@ async def _create_replacing_leftover(
 
 
 def _published_port(info: dict[str, Any]) -> int:
-    bindings = info["NetworkSettings"]["Ports"][PREVIEW_PORT]
-    return int(next(b["HostPort"] for b in bindings if b["HostIp"] == "127.0.0.1"))
+    bindings = info["NetworkSettings"]["Ports"].get(PREVIEW_PORT) or []
+    for binding in bindings:
+        if binding["HostIp"] == "127.0.0.1":
+            return int(binding["HostPort"])
+    raise SandboxStartFailed(f"the sandbox container published no port for {PREVIEW_PORT}")
 
 
 async def is_running(docker: aiodocker.Docker, container_id: str) -> bool:
-    try:
-        info = await docker.containers.container(container_id).show()
-    except aiodocker.DockerError as err:
-        if err.status == 404:
-            return False
-        raise translate(err, "inspecting the sandbox container") from err
+    with docker_errors("inspecting the sandbox container"):
+        try:
+            info = await docker.containers.container(container_id).show()
+        except aiodocker.DockerError as err:
+            if err.status == 404:
+                return False
+            raise
     return bool(info["State"]["Running"])
 
 
 async def remove_container(docker: aiodocker.Docker, container_id: str) -> None:
     """Stops and removes the container at once (the workspace volume stays); gone already is fine."""
-    try:
-        await docker.containers.container(container_id).delete(force=True)
-    except aiodocker.DockerError as err:
-        if err.status != 404:
-            raise translate(err, "removing the sandbox container") from err
+    with docker_errors("removing the sandbox container"):
+        try:
+            await docker.containers.container(container_id).delete(force=True)
+        except aiodocker.DockerError as err:
+            if err.status != 404:
+                raise
 
 
 async def ping(docker: aiodocker.Docker) -> None:
-    try:
+    with docker_errors("asking the engine for its version"):
         await docker.version()
-    except aiodocker.DockerError as err:
-        raise translate(err, "asking the engine for its status") from err
-
-
-def translate(
-    err: aiodocker.DockerError, doing: str, refused: type[DockerFailed] = DockerFailed
-) -> DockerUnavailable | DockerFailed:
-    """The gateway's error for a DockerError met while `doing` something."""
-    if err.status == DOCKER_TRANSPORT_ERROR:
-        return DockerUnavailable(f"the Docker engine does not answer ({doing})")
-    return refused(f"Docker refused {doing}: {err.message}")

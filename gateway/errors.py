@@ -23,10 +23,11 @@ middleware turns them into ``{"error": {"code", "message"}}``.
 class GatewayError(Exception):
     status = 500
     code = "internal_error"
+    default_message = "the gateway failed"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
 
 
 class InvalidRequest(GatewayError):
@@ -47,6 +48,7 @@ class SandboxNotFound(GatewayError):
 class SandboxNotRunning(GatewayError):
     status = 409
     code = "sandbox_not_running"
+    default_message = "your sandbox is not running; start it with POST /api/sandbox"
 
 
 class PayloadTooLarge(GatewayError):

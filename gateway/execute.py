@@ -12,16 +12,16 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiodocker
 from aiodocker.stream import Stream
 
-from .containers import translate
-from .errors import GatewayError, SandboxNotRunning, TooManyRequests
+from .containers import docker_errors
+from .errors import SandboxNotRunning, TooManyRequests
 from .settings import ExecSettings
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class ExecRunner:
         run_id = secrets.token_hex(16)
         container = self._docker.containers.container(container_id)
         command = ["sandbox-run", str(len(request.stdin)), *PROGRAMS[request.language], request.code]
-        try:
+        with _exec_errors():
             execution = await container.exec(
                 command,
                 stdin=bool(request.stdin),
@@ -116,13 +116,11 @@ class ExecRunner:
                 workdir="/workspace",
                 environment={"SANDBOX_RUN_ID": run_id},
             )
-        except aiodocker.DockerError as err:
-            raise _exec_error(err) from err
 
         output = _Output(self._settings.max_output_bytes)
         timed_out = False
         started = time.monotonic()
-        try:
+        with _exec_errors():
             async with execution.start(detach=False) as stream:
                 try:
                     async with asyncio.timeout(request.timeout_ms / 1000):
@@ -135,8 +133,6 @@ class ExecRunner:
                             await output.collect(stream)
             duration_ms = round((time.monotonic() - started) * 1000)
             exit_code = await _exit_code(execution)
-        except aiodocker.DockerError as err:
-            raise _exec_error(err) from err
         return ExecResult(
             stdout=output.stdout.decode("utf-8", errors="replace"),
             stderr=output.stderr.decode("utf-8", errors="replace"),
@@ -183,8 +179,15 @@ async def _exit_code(execution: Any) -> int | None:
         await asyncio.sleep(0.01)
 
 
-def _exec_error(err: aiodocker.DockerError) -> GatewayError:
-    # 404: the container is gone; 409: it exists but is not running.
-    if err.status in (404, 409):
-        return SandboxNotRunning("your sandbox is not running; start it with POST /api/sandbox")
-    return translate(err, "running the snippet")
+@contextmanager
+def _exec_errors() -> Iterator[None]:
+    with docker_errors("running the snippet"):
+        try:
+            yield
+        except aiodocker.DockerError as err:
+            # 404: the container is gone; 409: it exists but is not running.
+            if err.status in (404, 409):
+                raise SandboxNotRunning(
+                    "your sandbox is not running; start it with POST /api/sandbox"
+                ) from err
+            raise

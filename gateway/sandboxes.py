@@ -88,7 +88,7 @@ class Sandboxes:
         async with db.connection(self._pool) as conn:
             session = await db.get_session(conn, user)
             if session is None or session.state != "running" or not session.container_id:
-                raise SandboxNotRunning("your sandbox is not running; start it with POST /api/sandbox")
+                raise SandboxNotRunning()
             if datetime.now(UTC) - session.last_activity > ACTIVITY_RESOLUTION:
                 await db.touch(conn, user)
         return session.container_id

@@ -1,0 +1,124 @@
+"""What every benchmark needs: a real gateway process on a free port, tokens, and statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiodocker
+import aiohttp
+
+from gateway.auth import mint_token
+from gateway.containers import LABEL_GATEWAY
+from gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Gateway:
+    url: str
+    settings: Settings
+
+    def headers(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {mint_token(user, self.settings, 3600)}"}
+
+
+def database_url() -> str:
+    if url := os.environ.get("DATABASE_URL"):
+        return url
+    script = ROOT / "scripts" / "ensure-postgres.sh"
+    return subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def running_gateway(**env: str) -> AsyncIterator[Gateway]:
+    """`python -m gateway` in its own process, with a name of its own; its containers removed after."""
+    name = f"sgbench-{secrets.token_hex(3)}"
+    port = free_port()
+    environment = {
+        **os.environ,
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_NAME": name,
+        "SANDBOX_NETWORK": name,
+        "GATEWAY_JWT_SECRET": secrets.token_urlsafe(48),
+        "DATABASE_URL": database_url(),
+        "GATEWAY_LOG_LEVEL": "WARNING",
+        **env,
+    }
+    settings = Settings.from_env(environment)
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", env=environment)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_healthy(url)
+        yield Gateway(url=url, settings=settings)
+    finally:
+        process.send_signal(signal.SIGINT)
+        await process.wait()
+        await remove_containers(name)
+
+
+async def _wait_healthy(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway at {url} did not become healthy in {timeout_s} s")
+            await asyncio.sleep(0.1)
+
+
+async def remove_containers(gateway_name: str) -> None:
+    label = {"label": [f"{LABEL_GATEWAY}={gateway_name}"]}
+    async with aiodocker.Docker() as docker:
+        for container in await docker.containers.list(all="1", filters=json.dumps(label)):
+            await container.delete(force=True)
+        volumes = await docker.volumes.list(filters=label)
+        for volume in volumes.get("Volumes") or []:
+            await (await docker.volumes.get(volume["Name"])).delete()
+        for network in await docker.networks.list(filters=label):
+            await (await docker.networks.get(network["Id"])).delete()
+
+
+def summary(samples: Sequence[float]) -> tuple[float, float]:
+    """Median and 95th percentile, in milliseconds."""
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return statistics.median(ordered) * 1000, p95 * 1000
+
+
+def report(title: str, rows: dict[str, Sequence[float]], baseline: str) -> None:
+    """Prints median and p95 per row, and each row's ratio to the baseline row."""
+    base_median, base_p95 = summary(rows[baseline])
+    print(f"\n{title}")
+    print(f"  {'':<28}{'n':>5}{'median ms':>12}{'p95 ms':>10}{'x median':>10}{'x p95':>8}")
+    for name, samples in rows.items():
+        median, p95 = summary(samples)
+        print(
+            f"  {name:<28}{len(samples):>5}{median:>12.1f}{p95:>10.1f}"
+            f"{median / base_median:>10.2f}{p95 / base_p95:>8.2f}"
+        )
