@@ -12,11 +12,13 @@ from aiohttp import web
 from . import db
 from .auth import auth_middleware
 from .execute import ExecRunner
-from .keys import DB, DOCKER, EXEC_RUNNER, SANDBOXES, SETTINGS
+from .keys import DB, DOCKER, EXEC_RUNNER, SANDBOXES, SETTINGS, TERMINALS
 from .middlewares import error_middleware
 from .routes import setup_routes
 from .sandboxes import Sandboxes
 from .settings import Settings
+from .terminal import close_terminals_on_shutdown
+from .websockets import SocketRegistry
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(docker_ctx)
     app.cleanup_ctx.append(services_ctx)
+    # WebSockets must close before aiohttp waits for handlers to finish, hence on_shutdown.
+    app.on_shutdown.append(close_terminals_on_shutdown)
     setup_routes(app)
     return app
 
@@ -65,4 +69,5 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER])
     app[EXEC_RUNNER] = ExecRunner(app[DOCKER], settings.exec)
+    app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
     yield

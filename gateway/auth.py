@@ -9,13 +9,14 @@ import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .errors import Unauthorized
+from .errors import Forbidden, Unauthorized
 from .keys import PUBLIC_ROUTES, SETTINGS, USER
 from .settings import Settings
 
 # The user name appears in container names and URLs (/preview/<user>/), so it is kept to this.
 USER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LEEWAY_S = 5
+BEARER_SUBPROTOCOL_PREFIX = "bearer."
 
 
 def verify_token(token: str, settings: Settings) -> str:
@@ -40,11 +41,30 @@ def verify_token(token: str, settings: Settings) -> str:
 
 
 def bearer_token(request: web.Request) -> str:
+    """The token from `Authorization: Bearer`, or for a WebSocket upgrade, which a browser cannot give
+    headers, from an offered subprotocol `bearer.<token>` (as Kubernetes does). Never from the query
+    string, which ends up in logs and browser history."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("send Authorization: Bearer <token>")
-    return token.strip()
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    if not header and request.headers.get("Upgrade", "").lower() == "websocket":
+        for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
+            if protocol.strip().startswith(BEARER_SUBPROTOCOL_PREFIX):
+                return protocol.strip().removeprefix(BEARER_SUBPROTOCOL_PREFIX)
+    raise Unauthorized("send Authorization: Bearer <token>")
+
+
+def check_origin(request: web.Request, settings: Settings) -> None:
+    """Refuses a browser's WebSocket upgrade from another site: without this, any page a signed-in
+    user visits could open their terminal with their credentials. Clients that send no Origin are
+    not browsers, and must present a token themselves."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    own = settings.public_url_origin or f"{request.scheme}://{request.host}"
+    if origin.rstrip("/") != own and origin.rstrip("/") not in settings.allowed_origins:
+        raise Forbidden(f"WebSocket connections from origin {origin} are not allowed")
 
 
 def mint_token(user: str, settings: Settings, lifetime_s: int) -> str:

@@ -193,8 +193,10 @@ async def mark_running(conn: Connection, user: str, container_id: str, host_port
     return Session.from_record(record)
 
 
-async def mark_stopping(conn: Connection, user: str) -> None:
-    await conn.execute("UPDATE sessions SET state = 'stopping' WHERE user_id = $1", user)
+async def mark_stopping(conn: Connection, user: str, reason: str) -> None:
+    await conn.execute(
+        "UPDATE sessions SET state = 'stopping', stop_reason = $2 WHERE user_id = $1", user, reason
+    )
 
 
 async def mark_stopped(conn: Connection, user: str, reason: str) -> None:

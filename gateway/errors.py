@@ -3,6 +3,7 @@
     GatewayError                      500 internal_error
     ├── InvalidRequest                400 invalid_request
     ├── Unauthorized                  401 unauthorized
+    ├── Forbidden                     403 forbidden
     ├── SandboxNotFound               404 sandbox_not_found
     ├── SandboxNotRunning             409 sandbox_not_running
     ├── PayloadTooLarge               413 payload_too_large
@@ -38,6 +39,11 @@ class InvalidRequest(GatewayError):
 class Unauthorized(GatewayError):
     status = 401
     code = "unauthorized"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
 
 
 class SandboxNotFound(GatewayError):

@@ -9,12 +9,14 @@ from aiohttp import web
 from .execute import ExecRunner
 from .sandboxes import Sandboxes
 from .settings import Settings
+from .websockets import SocketRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)
 DOCKER = web.AppKey("docker", aiodocker.Docker)
 SANDBOXES = web.AppKey("sandboxes", Sandboxes)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
+TERMINALS = web.AppKey("terminals", SocketRegistry)
 OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
 # Routes reachable without a token; everything else is authenticated.
 PUBLIC_ROUTES = web.AppKey("public_routes", frozenset)

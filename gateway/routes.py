@@ -13,6 +13,7 @@ from . import containers, db
 from .errors import GatewayError
 from .keys import DB, DOCKER, EXEC_RUNNER, OPENAPI_DOCUMENT, PUBLIC_ROUTES, SANDBOXES, SETTINGS, USER
 from .schemas import ExecBody, StartBody, exec_json, parse_body, session_json
+from .terminal import terminal
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 HEALTH_TIMEOUT_S = 3.0
@@ -95,6 +96,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/sandbox", get_sandbox, allow_head=False)
     router.add_delete("/api/sandbox", stop_sandbox)
     router.add_post("/api/sandbox/exec", exec_snippet)
+    router.add_get("/api/sandbox/terminal", terminal, allow_head=False)
     public = [
         router.add_get("/healthz", healthz, allow_head=False),
         router.add_get("/api/openapi.json", openapi, allow_head=False),

@@ -16,9 +16,6 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-# last_activity is written at most this often per user by ordinary use (the reaper's resolution).
-ACTIVITY_RESOLUTION = timedelta(seconds=5)
-
 
 @dataclass(frozen=True)
 class StartResult:
@@ -76,7 +73,7 @@ class Sandboxes:
             session = await db.get_session(conn, user)
             if session is None or session.state == "stopped":
                 raise SandboxNotFound("you have no running sandbox")
-            await db.mark_stopping(conn, user)
+            await db.mark_stopping(conn, user, reason)
             # A start that died half-way left no id, only the container's deterministic name.
             target = session.container_id or containers.container_name(self._settings, user)
             await containers.remove_container(self._docker, target)
@@ -89,9 +86,19 @@ class Sandboxes:
             session = await db.get_session(conn, user)
             if session is None or session.state != "running" or not session.container_id:
                 raise SandboxNotRunning()
-            if datetime.now(UTC) - session.last_activity > ACTIVITY_RESOLUTION:
+            if datetime.now(UTC) - session.last_activity > timedelta(
+                seconds=self._settings.activity_interval_s
+            ):
                 await db.touch(conn, user)
         return session.container_id
+
+    @property
+    def activity_interval_s(self) -> float:
+        return self._settings.activity_interval_s
+
+    async def record_activity(self, user: str) -> None:
+        async with db.connection(self._pool) as conn:
+            await db.touch(conn, user)
 
     def preview_url(self, user: str) -> str:
         return f"{self._settings.public_url or ''}/preview/{user}/"

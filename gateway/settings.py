@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
@@ -51,8 +52,21 @@ class Settings:
     max_sandboxes: int = 50
     limits: SandboxLimits = SandboxLimits()
     idle_timeout_s: int = 1800
+    # last_activity is written at most this often per user (and per terminal) by ordinary use.
+    activity_interval_s: float = 5.0
     exec: ExecSettings = ExecSettings()
     public_url: str | None = None
+    # Origins besides the gateway's own from which browsers may open WebSockets (terminal, preview HMR).
+    allowed_origins: frozenset[str] = frozenset()
+    max_terminals_per_user: int = 5
+
+    @property
+    def public_url_origin(self) -> str | None:
+        """scheme://host[:port] of GATEWAY_PUBLIC_URL, the origin browsers see behind a proxy."""
+        if not self.public_url:
+            return None
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -82,6 +96,12 @@ class Settings:
                 max_concurrent_per_user=_int(env, "EXEC_MAX_CONCURRENT_PER_USER", 4, minimum=1),
             ),
             public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/") or None,
+            allowed_origins=frozenset(
+                origin.strip().rstrip("/")
+                for origin in env.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")
+                if origin.strip()
+            ),
+            max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 5, minimum=1),
         )
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import shlex
@@ -47,9 +48,10 @@ curl -sS --max-time 20 -o /dev/null -w '%{http_code}' "$url" >out 2>&1; verdict 
 git ls-remote "$url" >out 2>&1; verdict git "not found|404"
 node -e "fetch('$url').then(r => console.log('status', r.status), e => console.log(e.cause ?? e))" >out 2>&1
 verdict node "status 404"
-npm view --fetch-retries=0 --registry https://localhost:8443/ some-package >out 2>&1; verdict npm "E404|404 Not Found"
+npm view --fetch-retries=0 --registry https://localhost:8443/ some-package >out 2>&1
+verdict npm "E404|404 Not Found"
 python3 -c "import urllib.request; urllib.request.urlopen('$url')" >out 2>&1; verdict python "HTTP Error 404"
-pip download --retries 0 --timeout 20 --no-deps --index-url https://localhost:8443/simple/ -d . some-package >out 2>&1
+pip download --retries 0 --timeout 20 --no-deps --index-url https://localhost:8443/simple/ -d . pkg >out 2>&1
 verdict pip "Could not find a version|404"
 """
 
@@ -115,7 +117,8 @@ async def probe_tls(client: TestClient, cert: str, key: str) -> dict[str, str]:
 async def test_every_tool_trusts_the_operators_ca(make_client: MakeClient, tmp_path: Path) -> None:
     ca, cert, key = make_ca_and_server_cert()
     bundle = tmp_path / "bundle.pem"
-    bundle.write_text(Path("/etc/ssl/certs/ca-certificates.crt").read_text() + ca)
+    host_bundle = await asyncio.to_thread(Path("/etc/ssl/certs/ca-certificates.crt").read_text)
+    await asyncio.to_thread(bundle.write_text, host_bundle + ca)
     client = await make_client(ca_bundle=str(bundle))
     outcome = await probe_tls(client, cert, key)
     assert outcome == {tool: "answered" for tool in ("curl", "git", "node", "npm", "python", "pip")}

@@ -1,0 +1,225 @@
+"""The web terminal: a real TTY (bash as `sandbox` in /workspace) bridged to a WebSocket.
+
+Protocol (subprotocol `sandbox-terminal.v1`):
+  client -> gateway  binary frame: bytes for the TTY (keystrokes, pastes; any bytes, UTF-8 or not)
+                     text frame:   JSON control message, {"type": "resize", "cols": C, "rows": R}
+  gateway -> client  binary frame: bytes the TTY wrote
+  initial size:      query parameters ?cols=C&rows=R (optional)
+Close codes: 1000 the shell exited, 1001 the gateway is shutting down, 1003 a malformed control
+message, 4000 the sandbox stopped (the reason follows), 4009 the sandbox is not running,
+4029 too many terminals for this user.
+
+Both directions honour backpressure: output is read from Docker only as fast as the client takes it
+(aiohttp's send waits for the socket to drain, and aiodocker pauses its socket when its queue is full),
+so a flood toward a stalled client holds memory at a few buffers, not the whole flood.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from contextlib import suppress
+from enum import IntEnum
+from typing import Any
+
+import aiodocker
+from aiodocker.stream import Stream
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .auth import check_origin
+from .containers import docker_errors
+from .errors import GatewayError, SandboxNotRunning
+from .keys import DOCKER, SANDBOXES, SETTINGS, TERMINALS, USER
+from .sandboxes import Sandboxes
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "sandbox-terminal.v1"
+HEARTBEAT_S = 30.0
+HANGUP_TIMEOUT_S = 10.0
+MAX_CONTROL_MESSAGE = 1024
+SHELL = ["bash", "-l"]
+
+
+class CloseCode(IntEnum):
+    SHELL_EXITED = 1000
+    GOING_AWAY = 1001
+    BAD_MESSAGE = 1003
+    SANDBOX_STOPPED = 4000
+    SANDBOX_NOT_RUNNING = 4009
+    TOO_MANY_TERMINALS = 4029
+
+
+async def close_terminals_on_shutdown(app: web.Application) -> None:
+    await app[TERMINALS].close_all(WSCloseCode.GOING_AWAY, "gateway shutting down")
+
+
+async def terminal(request: web.Request) -> web.StreamResponse:
+    check_origin(request, request.app[SETTINGS])
+    size = _initial_size(request)
+    user = request[USER]
+    terminals = request.app[TERMINALS]
+    ws = web.WebSocketResponse(protocols=[PROTOCOL], heartbeat=HEARTBEAT_S, max_msg_size=1024 * 1024)
+    await ws.prepare(request)
+    if not terminals.add(user, ws):
+        await ws.close(
+            code=CloseCode.TOO_MANY_TERMINALS,
+            message=f"at most {terminals.max_per_user} terminals per user".encode(),
+        )
+        return ws
+    try:
+        await _serve(request, ws, user, size)
+    finally:
+        terminals.discard(user, ws)
+    return ws
+
+
+async def _serve(
+    request: web.Request, ws: web.WebSocketResponse, user: str, size: tuple[int, int] | None
+) -> None:
+    sandboxes = request.app[SANDBOXES]
+    docker = request.app[DOCKER]
+    try:
+        container_id = await sandboxes.running_container(user)
+    except SandboxNotRunning as err:
+        await ws.close(code=CloseCode.SANDBOX_NOT_RUNNING, message=err.message.encode())
+        return
+    run_id = secrets.token_hex(16)
+    container = docker.containers.container(container_id)
+    try:
+        with docker_errors("opening a terminal"):
+            execution = await container.exec(
+                SHELL,
+                stdin=True,
+                tty=True,
+                user="sandbox",
+                workdir="/workspace",
+                environment={"TERM": "xterm-256color", "SANDBOX_RUN_ID": run_id},
+            )
+            async with execution.start(detach=False) as stream:
+                if size:
+                    await execution.resize(w=size[0], h=size[1])
+                code, reason = await _bridge(ws, stream, execution, _Activity(sandboxes, user))
+    except GatewayError as err:
+        code, reason = CloseCode.SANDBOX_NOT_RUNNING, err.message
+    finally:
+        await _hang_up(container, run_id)
+    if code == CloseCode.SHELL_EXITED and not await _still_running(sandboxes, user):
+        code, reason = CloseCode.SANDBOX_STOPPED, await _stop_reason(sandboxes, user)
+    await ws.close(code=code, message=reason.encode()[:120])
+
+
+async def _bridge(
+    ws: web.WebSocketResponse, stream: Stream, execution: Any, activity: _Activity
+) -> tuple[int, str]:
+    """Relays both ways until either side ends; returns the close code and reason for the client."""
+    output = asyncio.ensure_future(_relay_output(stream, ws, activity))
+    keyboard = asyncio.ensure_future(_relay_input(ws, stream, execution, activity))
+    try:
+        done, _ = await asyncio.wait({output, keyboard}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (output, keyboard):
+            task.cancel()
+        await asyncio.gather(output, keyboard, return_exceptions=True)
+    if keyboard in done and not keyboard.cancelled() and keyboard.exception() is None:
+        return keyboard.result()
+    return CloseCode.SHELL_EXITED, "the shell exited"
+
+
+async def _relay_output(stream: Stream, ws: web.WebSocketResponse, activity: _Activity) -> None:
+    while (message := await stream.read_out()) is not None:
+        # Awaiting the send is the backpressure: no reading from Docker while the client lags.
+        await ws.send_bytes(message.data)
+        await activity.seen()
+
+
+async def _relay_input(
+    ws: web.WebSocketResponse, stream: Stream, execution: Any, activity: _Activity
+) -> tuple[int, str]:
+    async for message in ws:
+        if message.type == WSMsgType.BINARY:
+            await stream.write_in(message.data)
+            await activity.seen()
+        elif message.type == WSMsgType.TEXT:
+            size = _parse_resize(message.data)
+            if size is None:
+                return CloseCode.BAD_MESSAGE, 'expected {"type": "resize", "cols": C, "rows": R}'
+            await execution.resize(w=size[0], h=size[1])
+    return WSCloseCode.OK, "closed by the client"
+
+
+def _parse_resize(data: str) -> tuple[int, int] | None:
+    if len(data) > MAX_CONTROL_MESSAGE:
+        return None
+    try:
+        message = json.loads(data)
+    except ValueError:
+        return None
+    if (
+        not isinstance(message, dict)
+        or message.get("type") != "resize"
+        or set(message) != {"type", "cols", "rows"}
+    ):
+        return None
+    return _valid_size(message["cols"], message["rows"])
+
+
+def _initial_size(request: web.Request) -> tuple[int, int] | None:
+    cols, rows = request.query.get("cols"), request.query.get("rows")
+    if cols is None and rows is None:
+        return None
+    if cols is None or rows is None or not cols.isdigit() or not rows.isdigit():
+        raise web.HTTPBadRequest(text="cols and rows must both be positive integers")
+    size = _valid_size(int(cols), int(rows))
+    if size is None:
+        raise web.HTTPBadRequest(text="cols and rows must be between 1 and 1000")
+    return size
+
+
+def _valid_size(cols: object, rows: object) -> tuple[int, int] | None:
+    valid = all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000 for v in (cols, rows))
+    return (cols, rows) if valid else None  # type: ignore[return-value]
+
+
+class _Activity:
+    """Terminal traffic moves last_activity forward, at most once per activity interval."""
+
+    def __init__(self, sandboxes: Sandboxes, user: str) -> None:
+        self._sandboxes = sandboxes
+        self._user = user
+        self._last = time.monotonic()
+
+    async def seen(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self._sandboxes.activity_interval_s:
+            self._last = now
+            with suppress(GatewayError):
+                await self._sandboxes.record_activity(self._user)
+
+
+async def _hang_up(container: Any, run_id: str) -> None:
+    """Ends the shell and its jobs the way a closed terminal does (SIGHUP); nohup'd work survives."""
+    with suppress(aiodocker.DockerError, TimeoutError):
+        hangup = await container.exec(["sandbox-hangup", run_id], user="sandbox")
+        async with asyncio.timeout(HANGUP_TIMEOUT_S), hangup.start(detach=False) as stream:
+            while await stream.read_out() is not None:
+                pass
+
+
+async def _still_running(sandboxes: Sandboxes, user: str) -> bool:
+    try:
+        await sandboxes.running_container(user)
+    except GatewayError:
+        return False
+    return True
+
+
+async def _stop_reason(sandboxes: Sandboxes, user: str) -> str:
+    try:
+        session = await sandboxes.get(user)
+    except GatewayError:
+        return "the sandbox stopped"
+    return f"the sandbox stopped ({session.stop_reason})" if session.stop_reason else "the sandbox stopped"
