@@ -46,7 +46,8 @@ class Screen:
             self.cursor = found + len(needle)
         except TimeoutError:
             pytest.fail(
-                f"{needle!r} did not appear within {timeout_s} s; the screen ends with {bytes(self.output[-300:])!r}"
+                f"{needle!r} did not appear within {timeout_s} s; "
+                f"the screen ends with {bytes(self.output[-300:])!r}"
             )
 
     async def type(self, data: bytes) -> None:
