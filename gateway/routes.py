@@ -10,12 +10,13 @@ from pathlib import Path
 from aiohttp import web
 
 from . import containers, db
-from .errors import GatewayError
+from .errors import GatewayError, ServiceUnavailable
 from .keys import DB, DOCKER, EXEC_RUNNER, OPENAPI_DOCUMENT, PUBLIC_ROUTES, SANDBOXES, SETTINGS, USER
 from .schemas import ExecBody, StartBody, exec_json, parse_body, session_json
 from .terminal import terminal
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+# The page as Vite built it (scripts/build-page.sh); the sources are in static/ beside it.
+PAGE_DIR = Path(__file__).resolve().parent.parent / "static" / "dist"
 HEALTH_TIMEOUT_S = 3.0
 
 
@@ -79,8 +80,11 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI_DOCUMENT], content_type="application/json")
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "index.html")
+async def index(request: web.Request) -> web.StreamResponse:
+    page = PAGE_DIR / "index.html"
+    if not await asyncio.to_thread(page.is_file):
+        raise ServiceUnavailable("the page is not built: run scripts/build-page.sh")
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
 
 
 def _load_openapi() -> bytes:
@@ -103,5 +107,6 @@ def setup_routes(app: web.Application) -> None:
         router.add_get("/", index, allow_head=False),
     ]
     # The page's own files hold no secrets; the API calls they make carry the token.
-    public.extend(router.add_static("/static/", STATIC_DIR, append_version=True))
+    if PAGE_DIR.is_dir():
+        public.extend(router.add_static("/static/", PAGE_DIR))
     app[PUBLIC_ROUTES] = frozenset(public)

@@ -11,6 +11,7 @@ if [[ -z ${DATABASE_URL:-} ]]; then
     export DATABASE_URL
 fi
 "$ROOT/scripts/build-image.sh"
+"$ROOT/scripts/build-page.sh"
 
 dev_token=""
 if [[ -z ${GATEWAY_JWT_SECRET:-} && -z ${GATEWAY_JWT_PUBLIC_KEY_FILE:-} ]]; then

@@ -8,7 +8,11 @@ set -euo pipefail
 "$ROOT/scripts/ensure-venv.sh"
 "$ROOT/scripts/ensure-docker.sh"
 "$ROOT/scripts/build-image.sh"
+"$ROOT/scripts/build-page.sh"
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_install postgresql
+# The browser tests drive Debian's Chromium with Playwright (whose own browser downloads need more
+# than a package registry).
+[[ -x /usr/bin/chromium ]] || apt_install chromium
 
 cd "$ROOT"
 say "ruff and mypy"

@@ -18,6 +18,7 @@ import aiodocker
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
+from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.app import create_app
 from gateway.containers import LABEL_GATEWAY
@@ -148,3 +149,41 @@ async def make_client(settings: Settings, aiohttp_client: Callable[..., Awaitabl
 @pytest.fixture
 async def client(make_client: MakeClient) -> TestClient:
     return await make_client()
+
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the networking flags Chromium keeps dialling Google's hosts, which this network refuses.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: apt-get install chromium (scripts/test.sh does)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        yield await context.new_page()
+    finally:
+        await context.close()
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

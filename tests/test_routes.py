@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,12 @@ async def test_unknown_path_and_method_get_json_errors(client: TestClient) -> No
     assert (await wrong_method.json())["error"]["code"] == "method_not_allowed"
 
 
-async def test_page_is_served_without_a_token(client: TestClient) -> None:
+async def test_page_and_its_assets_are_served_without_a_token(client: TestClient) -> None:
     response = await client.get("/")
     assert response.status == 200
-    assert "sandbox-gateway" in await response.text()
+    page = await response.text()
+    assert "<title>sandbox-gateway</title>" in page
+    assets = re.findall(r'(?:src|href)="(/static/assets/[^"]+)"', page)
+    assert any(a.endswith(".js") for a in assets)
+    for asset in assets:
+        assert (await client.get(asset)).status == 200

@@ -1,0 +1,130 @@
+// Wires the page: sign-in, sandbox state, the editor and Run, the terminal and the preview.
+import "./style.css";
+import { ApiError, call, storeToken, storedToken, takeTokenFromFragment, userOf } from "./api.js";
+import { CodeEditor } from "./editor.js";
+import { SandboxTerminal } from "./terminal.js";
+
+const $ = (id) => document.getElementById(id);
+const STATE_POLL_MS = 10_000;
+
+const editor = new CodeEditor($("editor"), $("language").value);
+const terminal = new SandboxTerminal($("terminal"), (status) => ($("terminal-status").textContent = status));
+let sandbox = null;
+
+function notify(message) {
+  $("notice").textContent = message ?? "";
+}
+
+function describe(error) {
+  return error instanceof ApiError ? `${error.message} (${error.code})` : String(error);
+}
+
+function showSignedIn(token) {
+  const user = token ? userOf(token) : null;
+  $("sign-in").hidden = Boolean(user);
+  $("account").hidden = !user;
+  $("user").textContent = user ?? "";
+  for (const id of ["run", "connect"]) $(id).disabled = !user;
+}
+
+function showSandbox(next) {
+  sandbox = next;
+  const state = next?.state ?? "none";
+  $("state").textContent = state;
+  $("state").dataset.state = state;
+  $("start").disabled = state === "running";
+  $("stop").disabled = state !== "running";
+  if (next?.preview_url) $("preview-link").href = next.preview_url;
+}
+
+async function refreshState() {
+  if (!storedToken()) return;
+  try {
+    showSandbox(await call("GET", "/api/sandbox"));
+  } catch (error) {
+    if (error instanceof ApiError && error.code === "sandbox_not_found") showSandbox(null);
+    else if (error instanceof ApiError && error.status === 401) signOut("Your token was refused: sign in again.");
+    else notify(describe(error));
+  }
+}
+
+function signIn(token) {
+  storeToken(token);
+  showSignedIn(token);
+  notify("");
+  refreshState();
+}
+
+function signOut(message) {
+  terminal.disconnect();
+  storeToken(null);
+  showSignedIn(null);
+  showSandbox(null);
+  notify(message);
+}
+
+$("sign-in").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const token = $("token").value.trim();
+  if (!userOf(token)) return notify("That does not look like a JWT.");
+  $("token").value = "";
+  signIn(token);
+});
+
+$("sign-out").addEventListener("click", () => signOut(""));
+
+$("start").addEventListener("click", async () => {
+  $("start").disabled = true;
+  $("state").textContent = "starting";
+  try {
+    showSandbox(await call("POST", "/api/sandbox"));
+    notify("");
+    terminal.connect(storedToken());
+  } catch (error) {
+    notify(describe(error));
+    await refreshState();
+  }
+});
+
+$("stop").addEventListener("click", async () => {
+  $("stop").disabled = true;
+  try {
+    await call("DELETE", "/api/sandbox");
+  } catch (error) {
+    notify(describe(error));
+  }
+  await refreshState();
+});
+
+$("connect").addEventListener("click", () => terminal.connect(storedToken()));
+
+$("language").addEventListener("change", () => editor.setLanguage($("language").value));
+
+$("run").addEventListener("click", async () => {
+  $("run").disabled = true;
+  $("run-status").textContent = "running…";
+  for (const id of ["stdout", "stderr"]) $(id).textContent = "";
+  try {
+    const result = await call("POST", "/api/sandbox/exec", { language: $("language").value, code: editor.code });
+    $("stdout").textContent = result.stdout;
+    $("stderr").textContent = result.stderr;
+    const flags = [result.timed_out && "timed out", result.truncated && "output truncated"].filter(Boolean);
+    $("run-status").textContent =
+      `exit code ${result.exit_code} in ${result.duration_ms} ms` + (flags.length ? ` (${flags.join(", ")})` : "");
+    $("run-status").dataset.ok = String(result.exit_code === 0 && !result.timed_out);
+  } catch (error) {
+    $("run-status").textContent = describe(error);
+    $("run-status").dataset.ok = "false";
+  } finally {
+    $("run").disabled = false;
+  }
+});
+
+$("preview-reload").addEventListener("click", () => {
+  if (sandbox?.preview_url) $("preview").src = sandbox.preview_url;
+});
+
+const handedOver = takeTokenFromFragment();
+if (handedOver) signIn(handedOver);
+else showSignedIn(storedToken()), refreshState();
+setInterval(refreshState, STATE_POLL_MS);
