@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiodocker
 import aiohttp
+import asyncpg
 
 from gateway.auth import mint_token
 from gateway.containers import LABEL_GATEWAY
@@ -36,11 +38,26 @@ class Gateway:
         return {"Authorization": f"Bearer {mint_token(user, self.settings, 3600)}"}
 
 
-def database_url() -> str:
+def server_url() -> str:
     if url := os.environ.get("DATABASE_URL"):
         return url
     script = ROOT / "scripts" / "ensure-postgres.sh"
     return subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout.strip()
+
+
+@asynccontextmanager
+async def scratch_database() -> AsyncIterator[str]:
+    """A database of its own on the server of DATABASE_URL (or the embedded one), dropped after."""
+    url = server_url()
+    name = f"sgbench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        parts = urlsplit(url)
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 def free_port() -> int:
@@ -53,6 +70,12 @@ def free_port() -> int:
 @asynccontextmanager
 async def running_gateway(**env: str) -> AsyncIterator[Gateway]:
     """`python -m gateway` in its own process, with a name of its own; its containers removed after."""
+    async with scratch_database() as database_url, _gateway_process(database_url, **env) as gateway:
+        yield gateway
+
+
+@asynccontextmanager
+async def _gateway_process(database_url: str, **env: str) -> AsyncIterator[Gateway]:
     name = f"sgbench-{secrets.token_hex(3)}"
     port = free_port()
     environment = {
@@ -61,7 +84,7 @@ async def running_gateway(**env: str) -> AsyncIterator[Gateway]:
         "GATEWAY_NAME": name,
         "SANDBOX_NETWORK": name,
         "GATEWAY_JWT_SECRET": secrets.token_urlsafe(48),
-        "DATABASE_URL": database_url(),
+        "DATABASE_URL": database_url,
         "GATEWAY_LOG_LEVEL": "WARNING",
         **env,
     }

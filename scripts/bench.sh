@@ -10,6 +10,6 @@ if [[ -z ${DATABASE_URL:-} ]]; then
     export DATABASE_URL
 fi
 cd "$ROOT"
-for bench in lifecycle exec; do
+for bench in lifecycle exec terminal; do
     "$VENV/bin/python" -m "bench.$bench"
 done

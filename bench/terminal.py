@@ -1,0 +1,150 @@
+"""Terminal latency and throughput: through the gateway's WebSocket vs. the same TTY exec on the Docker API.
+
+    .venv/bin/python -m bench.terminal [--keystrokes N] [--megabytes M]
+
+Both sides open `bash -l` with a TTY in the same sandbox and replace it with `cat`, so that each
+keystroke is echoed by the kernel's line discipline. Keystroke-to-echo: one byte written, the time until
+it comes back. Bulk: `head -c M MB | tr` through the TTY, bytes received per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiodocker
+import aiohttp
+
+from .common import running_gateway
+
+Send = Callable[[bytes], Awaitable[None]]
+Receive = Callable[[], Awaitable[bytes]]
+DONE = b"BULK-2DONE"
+
+
+async def read_until(receive: Receive, needle: bytes) -> int:
+    """Reads until `needle` has arrived; returns how many bytes that took."""
+    tail = b""
+    total = 0
+    while True:
+        chunk = await receive()
+        total += len(chunk)
+        # Only the end of the last chunk is kept: a needle may straddle two chunks, never more.
+        window = tail + chunk
+        if needle in window:
+            return total
+        tail = window[-len(needle) :]
+
+
+async def keystroke_latencies(send: Send, receive: Receive, keystrokes: int) -> list[float]:
+    await send(b"echo READY-$((1+1))\r")
+    await read_until(receive, b"READY-2")
+    await send(b"exec cat\r")
+    await asyncio.sleep(0.3)  # let bash become cat; any prompt bytes drain below
+    await send(b"x")
+    await read_until(receive, b"x")
+    latencies = []
+    for _ in range(keystrokes):
+        started = time.perf_counter()
+        await send(b"k")
+        await read_until(receive, b"k")
+        latencies.append(time.perf_counter() - started)
+    await send(b"\x04")  # EOF: cat ends, and so does the session; the bulk run opens a fresh one
+    return latencies
+
+
+async def bulk(send: Send, receive: Receive, megabytes: int) -> float:
+    await send(b"echo READY-$((1+1))\r")
+    await read_until(receive, b"READY-2")
+    started = time.perf_counter()
+    await send(
+        f"head -c {megabytes * 1_000_000} /dev/zero | tr '\\0' a; echo; echo BULK-$((1+1))DONE\r".encode()
+    )
+    received = await read_until(receive, DONE)
+    return received / (time.perf_counter() - started) / 1e6
+
+
+async def direct_session(docker: aiodocker.Docker, container_id: str) -> tuple[Send, Receive, Any]:
+    execution = await docker.containers.container(container_id).exec(
+        ["bash", "-l"],
+        stdin=True,
+        tty=True,
+        user="sandbox",
+        workdir="/workspace",
+        environment={"TERM": "xterm"},
+    )
+    stream = execution.start(detach=False)
+    await stream.__aenter__()
+
+    async def receive() -> bytes:
+        message = await stream.read_out()
+        assert message is not None
+        return message.data
+
+    return stream.write_in, receive, stream
+
+
+async def gateway_session(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str]
+) -> tuple[Send, Receive, Any]:
+    ws = await session.ws_connect(
+        f"{url}/api/sandbox/terminal", headers=headers, protocols=["sandbox-terminal.v1"]
+    )
+
+    async def receive() -> bytes:
+        message = await ws.receive()
+        assert message.type == aiohttp.WSMsgType.BINARY, message
+        data: bytes = message.data
+        return data
+
+    return ws.send_bytes, receive, ws
+
+
+def quantile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
+
+
+async def main(keystrokes: int, megabytes: int) -> None:
+    async with running_gateway() as gateway, aiohttp.ClientSession() as session, aiodocker.Docker() as docker:
+        headers = gateway.headers("bench")
+        async with session.post(f"{gateway.url}/api/sandbox", headers=headers) as response:
+            assert response.status in (200, 201), await response.text()
+        container_id = (await docker.containers.get(f"{gateway.settings.gateway_name}-bench")).id
+
+        results: dict[str, dict[str, float]] = {}
+        for name, opener in (
+            ("direct Docker TTY exec", lambda: direct_session(docker, container_id)),
+            ("gateway WebSocket", lambda: gateway_session(session, gateway.url, headers)),
+        ):
+            send, receive, handle = await opener()
+            latencies = await keystroke_latencies(send, receive, keystrokes)
+            await handle.close()
+            send, receive, handle = await opener()
+            throughput = await bulk(send, receive, megabytes)
+            await handle.close()
+            results[name] = {
+                "p50": statistics.median(latencies) * 1000,
+                "p99": quantile(latencies, 0.99),
+                "mbps": throughput,
+            }
+    base = results["direct Docker TTY exec"]
+    print(f"\nterminal ({keystrokes} keystrokes, {megabytes} MB bulk)")
+    print(f"  {'':<26}{'echo p50 ms':>12}{'p99 ms':>9}{'bulk MB/s':>11}{'+p50 ms':>9}{'x bulk':>8}")
+    for name, r in results.items():
+        print(
+            f"  {name:<26}{r['p50']:>12.2f}{r['p99']:>9.2f}{r['mbps']:>11.1f}"
+            f"{r['p50'] - base['p50']:>9.2f}{r['mbps'] / base['mbps']:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keystrokes", type=int, default=500)
+    parser.add_argument("--megabytes", type=int, default=50)
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.keystrokes, arguments.megabytes))
