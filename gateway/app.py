@@ -10,10 +10,12 @@ import aiohttp
 from aiohttp import web
 
 from . import db
+from .activity import ActivityRecorder
 from .auth import auth_middleware
 from .execute import ExecRunner
-from .keys import DB, DOCKER, EXEC_RUNNER, SANDBOXES, SETTINGS, TERMINALS
+from .keys import ACTIVITY, DB, DOCKER, EXEC_RUNNER, PREVIEW_KEY, SANDBOXES, SETTINGS, TERMINALS, UPSTREAM
 from .middlewares import error_middleware
+from .preview import preview_host_middleware, upstream_session
 from .routes import setup_routes
 from .sandboxes import Sandboxes
 from .settings import Settings
@@ -31,12 +33,17 @@ CLIENT_MAX_SIZE_FLOOR = 1024 * 1024
 def create_app(settings: Settings) -> web.Application:
     limits = settings.exec
     client_max_size = max(CLIENT_MAX_SIZE_FLOOR, 2 * (limits.max_code_bytes + limits.max_stdin_bytes))
-    # Order: errors outermost, so that auth failures and everything below become JSON envelopes.
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=client_max_size)
+    # Order: errors outermost, so that everything below becomes a JSON envelope; then the preview origin
+    # refuses what is not a preview before auth runs; auth last, next to the handlers.
+    app = web.Application(
+        middlewares=[error_middleware, preview_host_middleware, auth_middleware],
+        client_max_size=client_max_size,
+    )
     app[SETTINGS] = settings
     # Cleanup contexts unwind in reverse: the services go before the clients they use.
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(docker_ctx)
+    app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(services_ctx)
     # WebSockets must close before aiohttp waits for handlers to finish, hence on_shutdown.
     app.on_shutdown.append(close_terminals_on_shutdown)
@@ -48,6 +55,8 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await db.create_pool(app[SETTINGS].database_url)
     try:
         await db.apply_migrations(pool)
+        async with db.connection(pool) as conn:
+            app[PREVIEW_KEY] = await db.gateway_secret(conn, "preview-session")
         app[DB] = pool
         yield
     finally:
@@ -65,9 +74,19 @@ async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
         await docker.close()
 
 
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = upstream_session()
+    try:
+        app[UPSTREAM] = session
+        yield
+    finally:
+        await session.close()
+
+
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER])
     app[EXEC_RUNNER] = ExecRunner(app[DOCKER], settings.exec)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
+    app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)
     yield

@@ -62,8 +62,8 @@ def check_origin(request: web.Request, settings: Settings) -> None:
     origin = request.headers.get("Origin")
     if origin is None:
         return
-    own = settings.public_url_origin or f"{request.scheme}://{request.host}"
-    if origin.rstrip("/") != own and origin.rstrip("/") not in settings.allowed_origins:
+    allowed = {settings.public_origin, f"{request.scheme}://{request.host}", *settings.allowed_origins}
+    if origin.rstrip("/") not in allowed:
         raise Forbidden(f"WebSocket connections from origin {origin} are not allowed")
 
 

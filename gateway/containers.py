@@ -66,7 +66,9 @@ def container_config(settings: Settings, user: str) -> dict[str, Any]:
         "User": "sandbox",
         "WorkingDir": "/workspace",
         "Hostname": "sandbox",
-        "Env": [f"SANDBOX_USER={user}"],
+        # Every terminal and run inherits these: a dev server started with --base "$PREVIEW_BASE"
+        # serves correctly behind /preview/<user>/.
+        "Env": [f"SANDBOX_USER={user}", f"PREVIEW_BASE=/preview/{user}/"],
         "Labels": labels(settings, user),
         "ExposedPorts": {PREVIEW_PORT: {}},
         "HostConfig": {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -219,3 +220,14 @@ async def touch(conn: Connection, user: str) -> None:
 
 async def ping(conn: Connection) -> None:
     await conn.fetchval("SELECT 1")
+
+
+async def gateway_secret(conn: Connection, name: str) -> bytes:
+    """The named secret, created with 32 random bytes by whichever gateway asks first."""
+    await conn.execute(
+        "INSERT INTO gateway_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        name,
+        secrets.token_bytes(32),
+    )
+    value: bytes = await conn.fetchval("SELECT value FROM gateway_secrets WHERE name = $1", name)
+    return value

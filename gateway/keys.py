@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import aiodocker
+import aiohttp
 import asyncpg
 from aiohttp import web
 
+from .activity import ActivityRecorder
 from .execute import ExecRunner
 from .sandboxes import Sandboxes
 from .settings import Settings
@@ -17,6 +19,11 @@ DOCKER = web.AppKey("docker", aiodocker.Docker)
 SANDBOXES = web.AppKey("sandboxes", Sandboxes)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
+ACTIVITY = web.AppKey("activity", ActivityRecorder)
+# The key that signs preview sessions, from gateway_secrets.
+PREVIEW_KEY = web.AppKey("preview_key", bytes)
+# The one upstream session of the preview proxy: pooled keep-alive connections to the sandboxes.
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
 # Routes reachable without a token; everything else is authenticated.
 PUBLIC_ROUTES = web.AppKey("public_routes", frozenset)

@@ -12,6 +12,8 @@ from aiohttp import web
 from . import containers, db
 from .errors import GatewayError, ServiceUnavailable
 from .keys import DB, DOCKER, EXEC_RUNNER, OPENAPI_DOCUMENT, PUBLIC_ROUTES, SANDBOXES, SETTINGS, USER
+from .preview import preview, preview_redirect_slash
+from .preview_auth import LOGIN_PATH, preview_login, preview_session
 from .schemas import ExecBody, StartBody, exec_json, parse_body, session_json
 from .terminal import terminal
 
@@ -81,6 +83,11 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def index(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    if request.host != settings.public_host:
+        # The page must run on its public origin: previews are isolated from it by origin, and the
+        # browser's fragment (a development token) survives the redirect.
+        raise web.HTTPTemporaryRedirect(f"{settings.public_origin}/")
     page = PAGE_DIR / "index.html"
     if not await asyncio.to_thread(page.is_file):
         raise ServiceUnavailable("the page is not built: run scripts/build-page.sh")
@@ -101,10 +108,15 @@ def setup_routes(app: web.Application) -> None:
     router.add_delete("/api/sandbox", stop_sandbox)
     router.add_post("/api/sandbox/exec", exec_snippet)
     router.add_get("/api/sandbox/terminal", terminal, allow_head=False)
+    router.add_post("/api/sandbox/preview-session", preview_session)
     public = [
         router.add_get("/healthz", healthz, allow_head=False),
         router.add_get("/api/openapi.json", openapi, allow_head=False),
         router.add_get("/", index, allow_head=False),
+        # Previews authenticate their own way (bearer token or preview cookie): preview_auth.py.
+        router.add_route("*", "/preview/{user}/{tail:.*}", preview),
+        router.add_get("/preview/{user}", preview_redirect_slash, allow_head=False),
+        router.add_get(LOGIN_PATH, preview_login, allow_head=False),
     ]
     # The page's own files hold no secrets; the API calls they make carry the token.
     if PAGE_DIR.is_dir():

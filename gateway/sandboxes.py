@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +16,8 @@ from .errors import SandboxNotFound, SandboxNotRunning
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+PORT_CACHE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class Sandboxes:
         self._docker = docker
         # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
         self._network_ready = False
+        # user -> (published port, when looked up): spares the preview proxy a query per request.
+        # A second is as stale as it gets, and a stale port only fails to connect.
+        self._ports: dict[str, tuple[int, float]] = {}
 
     async def start(self, user: str) -> StartResult:
         """Starts the user's sandbox, or returns the one that already runs.
@@ -92,6 +98,20 @@ class Sandboxes:
                 await db.touch(conn, user)
         return session.container_id
 
+    async def preview_port(self, user: str) -> int:
+        """The host port on 127.0.0.1 where the user's container publishes 5173."""
+        cached = self._ports.get(user)
+        now = time.monotonic()
+        if cached and now - cached[1] < PORT_CACHE_S:
+            return cached[0]
+        async with db.connection(self._pool) as conn:
+            session = await db.get_session(conn, user)
+        if session is None or session.state != "running" or session.host_port is None:
+            self._ports.pop(user, None)
+            raise SandboxNotRunning()
+        self._ports[user] = (session.host_port, now)
+        return session.host_port
+
     @property
     def activity_interval_s(self) -> float:
         return self._settings.activity_interval_s
@@ -101,4 +121,4 @@ class Sandboxes:
             await db.touch(conn, user)
 
     def preview_url(self, user: str) -> str:
-        return f"{self._settings.public_url or ''}/preview/{user}/"
+        return f"{self._settings.preview_origin}/preview/{user}/"

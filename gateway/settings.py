@@ -55,18 +55,36 @@ class Settings:
     # last_activity is written at most this often per user (and per terminal) by ordinary use.
     activity_interval_s: float = 5.0
     exec: ExecSettings = ExecSettings()
-    public_url: str | None = None
+    # Where browsers reach the page and API. Previews are served on a sibling origin of the same domain
+    # and port (README, "Preview isolation"), which is why the default is a name, not 127.0.0.1.
+    public_url: str = "http://sandbox.localhost:8080"
+    # Where browsers reach previews; by default preview.<host of public_url>, same scheme and port.
+    preview_url: str | None = None
     # Origins besides the gateway's own from which browsers may open WebSockets (terminal, preview HMR).
     allowed_origins: frozenset[str] = frozenset()
     max_terminals_per_user: int = 5
 
     @property
-    def public_url_origin(self) -> str | None:
-        """scheme://host[:port] of GATEWAY_PUBLIC_URL, the origin browsers see behind a proxy."""
-        if not self.public_url:
-            return None
+    def public_origin(self) -> str:
+        """scheme://host[:port] of the page and API, as browsers see it (also behind a proxy)."""
         parts = urlsplit(self.public_url)
         return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def public_host(self) -> str:
+        return urlsplit(self.public_url).netloc
+
+    @property
+    def preview_origin(self) -> str:
+        if self.preview_url:
+            parts = urlsplit(self.preview_url)
+            return f"{parts.scheme}://{parts.netloc}"
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://preview.{parts.netloc}"
+
+    @property
+    def preview_host(self) -> str:
+        return urlsplit(self.preview_origin).netloc
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -95,7 +113,8 @@ class Settings:
                 max_stdin_bytes=_int(env, "EXEC_MAX_STDIN_BYTES", 1024 * 1024, minimum=0),
                 max_concurrent_per_user=_int(env, "EXEC_MAX_CONCURRENT_PER_USER", 4, minimum=1),
             ),
-            public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/") or None,
+            public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/") or _default_public_url(env),
+            preview_url=(env.get("GATEWAY_PREVIEW_URL") or "").rstrip("/") or None,
             allowed_origins=frozenset(
                 origin.strip().rstrip("/")
                 for origin in env.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")
@@ -116,8 +135,19 @@ class Settings:
                 raise SettingsError("GATEWAY_JWT_SECRET must be at least 32 bytes long")
         elif not is_pem:
             raise SettingsError(f"{self.jwt_algorithm} needs a PEM public key in GATEWAY_JWT_PUBLIC_KEY_FILE")
+        for name, url in (("GATEWAY_PUBLIC_URL", self.public_url), ("GATEWAY_PREVIEW_URL", self.preview_url)):
+            parts = urlsplit(url or "http://unset")
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise SettingsError(f"{name} must be an http(s) URL, got {url!r}")
+        if self.preview_origin == self.public_origin:
+            raise SettingsError("GATEWAY_PREVIEW_URL must be another origin than GATEWAY_PUBLIC_URL")
         if self.exec.default_timeout_ms > self.exec.max_timeout_ms:
             raise SettingsError("EXEC_DEFAULT_TIMEOUT_MS must not exceed EXEC_MAX_TIMEOUT_MS")
+
+
+def _default_public_url(env: Mapping[str, str]) -> str:
+    # *.localhost names reach this machine in browsers without any DNS set-up.
+    return f"http://sandbox.localhost:{env.get('GATEWAY_PORT', '').strip() or 8080}"
 
 
 def _required(env: Mapping[str, str], name: str) -> str:

@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import secrets
-import time
 from contextlib import suppress
 from enum import IntEnum
 from typing import Any
@@ -29,10 +28,11 @@ import aiodocker
 from aiodocker.stream import Stream
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .activity import Seen
 from .auth import check_origin
 from .containers import docker_errors
 from .errors import GatewayError, SandboxNotRunning
-from .keys import DOCKER, SANDBOXES, SETTINGS, TERMINALS, USER
+from .keys import ACTIVITY, DOCKER, SANDBOXES, SETTINGS, TERMINALS, USER
 from .sandboxes import Sandboxes
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ async def _serve(
             async with execution.start(detach=False) as stream:
                 if size:
                     await execution.resize(w=size[0], h=size[1])
-                code, reason = await _bridge(ws, stream, execution, _Activity(sandboxes, user))
+                code, reason = await _bridge(ws, stream, execution, Seen(request.app[ACTIVITY], user))
     except GatewayError as err:
         code, reason = CloseCode.SANDBOX_NOT_RUNNING, err.message
     finally:
@@ -113,7 +113,7 @@ async def _serve(
 
 
 async def _bridge(
-    ws: web.WebSocketResponse, stream: Stream, execution: Any, activity: _Activity
+    ws: web.WebSocketResponse, stream: Stream, execution: Any, activity: Seen
 ) -> tuple[int, str]:
     """Relays both ways until either side ends; returns the close code and reason for the client."""
     output = asyncio.ensure_future(_relay_output(stream, ws, activity))
@@ -129,20 +129,20 @@ async def _bridge(
     return CloseCode.SHELL_EXITED, "the shell exited"
 
 
-async def _relay_output(stream: Stream, ws: web.WebSocketResponse, activity: _Activity) -> None:
+async def _relay_output(stream: Stream, ws: web.WebSocketResponse, activity: Seen) -> None:
     while (message := await stream.read_out()) is not None:
         # Awaiting the send is the backpressure: no reading from Docker while the client lags.
         await ws.send_bytes(message.data)
-        await activity.seen()
+        await activity()
 
 
 async def _relay_input(
-    ws: web.WebSocketResponse, stream: Stream, execution: Any, activity: _Activity
+    ws: web.WebSocketResponse, stream: Stream, execution: Any, activity: Seen
 ) -> tuple[int, str]:
     async for message in ws:
         if message.type == WSMsgType.BINARY:
             await stream.write_in(message.data)
-            await activity.seen()
+            await activity()
         elif message.type == WSMsgType.TEXT:
             size = _parse_resize(message.data)
             if size is None:
@@ -182,22 +182,6 @@ def _initial_size(request: web.Request) -> tuple[int, int] | None:
 def _valid_size(cols: object, rows: object) -> tuple[int, int] | None:
     valid = all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000 for v in (cols, rows))
     return (cols, rows) if valid else None  # type: ignore[return-value]
-
-
-class _Activity:
-    """Terminal traffic moves last_activity forward, at most once per activity interval."""
-
-    def __init__(self, sandboxes: Sandboxes, user: str) -> None:
-        self._sandboxes = sandboxes
-        self._user = user
-        self._last = time.monotonic()
-
-    async def seen(self) -> None:
-        now = time.monotonic()
-        if now - self._last >= self._sandboxes.activity_interval_s:
-            self._last = now
-            with suppress(GatewayError):
-                await self._sandboxes.record_activity(self._user)
 
 
 async def _hang_up(container: Any, run_id: str) -> None:

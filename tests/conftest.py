@@ -137,11 +137,20 @@ async def remove_gateway_objects(docker: aiodocker.Docker, gateway_name: str) ->
 
 
 @pytest.fixture
-async def make_client(settings: Settings, aiohttp_client: Callable[..., Awaitable[TestClient]]) -> MakeClient:
-    """Builds the real application, optionally with some settings changed."""
+async def make_client(
+    settings: Settings,
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    unused_tcp_port_factory: Callable[[], int],
+) -> MakeClient:
+    """Builds the real application, optionally with some settings changed. The first listens on the
+    settings' port; further ones (other gateways on the same database) on ports of their own."""
+    ports = iter([settings.port])
 
     async def make(**changes: object) -> TestClient:
-        return await aiohttp_client(create_app(replace(settings, **changes)))
+        port = next(ports, None) or unused_tcp_port_factory()
+        changes.setdefault("public_url", f"http://sandbox.localhost:{port}")
+        app = create_app(replace(settings, port=port, **changes))  # type: ignore[arg-type]
+        return await aiohttp_client(app, server_kwargs={"port": port})
 
     return make
 

@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 import gateway
+from gateway.settings import Settings
 
 from .helpers import MakeClient, auth
 
@@ -50,8 +51,8 @@ async def test_unknown_path_and_method_get_json_errors(client: TestClient) -> No
     assert (await wrong_method.json())["error"]["code"] == "method_not_allowed"
 
 
-async def test_page_and_its_assets_are_served_without_a_token(client: TestClient) -> None:
-    response = await client.get("/")
+async def test_page_and_its_assets_are_served_without_a_token(client: TestClient, settings: Settings) -> None:
+    response = await client.get("/", headers={"Host": settings.public_host})
     assert response.status == 200
     page = await response.text()
     assert "<title>sandbox-gateway</title>" in page
@@ -59,3 +60,15 @@ async def test_page_and_its_assets_are_served_without_a_token(client: TestClient
     assert any(a.endswith(".js") for a in assets)
     for asset in assets:
         assert (await client.get(asset)).status == 200
+
+
+async def test_page_redirects_to_its_public_origin(client: TestClient, settings: Settings) -> None:
+    response = await client.get("/", allow_redirects=False)
+    assert response.status == 307
+    assert response.headers["Location"] == f"{settings.public_origin}/"
+
+
+async def test_preview_origin_serves_no_page_and_no_api(client: TestClient, settings: Settings) -> None:
+    for path in ("/", "/api/sandbox", "/api/openapi.json", "/healthz"):
+        response = await client.get(path, headers={"Host": settings.preview_host, **auth("alice")})
+        assert response.status == 404, path

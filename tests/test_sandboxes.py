@@ -22,13 +22,13 @@ async def containers_of(docker: aiodocker.Docker, settings: Settings) -> list[di
     return [c._container for c in await docker.containers.list(all="1", filters=label)]
 
 
-async def test_start_creates_then_returns_the_same_sandbox(client: TestClient) -> None:
+async def test_start_creates_then_returns_the_same_sandbox(client: TestClient, settings: Settings) -> None:
     first = await client.post("/api/sandbox", headers=auth("alice"))
     assert first.status == 201
     body = await first.json()
     assert body["user"] == "alice"
     assert body["state"] == "running"
-    assert body["preview_url"] == "/preview/alice/"
+    assert body["preview_url"] == f"{settings.preview_origin}/preview/alice/"
     assert body["limits"] == {"memory_mb": 256, "cpus": 1.0, "pids": 128}
 
     again = await client.post("/api/sandbox", headers=auth("alice"))

@@ -1,0 +1,257 @@
+"""The preview proxy: /preview/<user>/... to the user's dev server on port 5173 of their sandbox,
+HTTP and WebSocket, through the port Docker publishes on 127.0.0.1.
+
+Browsers get previews only on the preview origin (README, "Preview isolation"); on the main origin a
+browser is redirected there, while a script with a bearer token is served directly. The dev server
+sees the full path (Vite strips its `base` itself), `Host: localhost:5173` (which Vite's allowed-hosts
+check accepts), and the original host, scheme and client in X-Forwarded-*; never our credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import WSMsgType, hdrs, web
+from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
+from yarl import URL
+
+from .auth import USER_PATTERN
+from .errors import Forbidden, GatewayError, InvalidRequest
+from .keys import ACTIVITY, PREVIEW_KEY, SANDBOXES, SETTINGS, UPSTREAM
+from .preview_auth import LOGIN_PATH, authorize_viewer, rewrite_set_cookie, strip_preview_cookie
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_HOST = "localhost:5173"
+# RFC 9110 7.6.1: meaningful for one connection only. Proxy-Connection is not standard but common.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+     "trailer", "transfer-encoding", "upgrade"}
+)  # fmt: skip
+# A dev server must not widen a service worker's scope beyond its own preview.
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"service-worker-allowed"}
+UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
+
+
+def upstream_session() -> aiohttp.ClientSession:
+    """One session for every preview: pooled keep-alive connections, bodies passed through as they are."""
+    return aiohttp.ClientSession(
+        timeout=UPSTREAM_TIMEOUT,
+        auto_decompress=False,
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30),
+        # Only what the browser sent goes upstream.
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+async def preview_redirect_slash(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPPermanentRedirect(f"/preview/{request.match_info['user']}/")
+
+
+async def preview(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    user = request.match_info["user"]
+    if not USER_PATTERN.fullmatch(user):
+        raise web.HTTPNotFound()
+    prefix = f"/preview/{user}/"
+    raw_path = request.rel_url.raw_path
+    # Matching happened on the decoded, normalised path; what goes upstream is the raw one, so both
+    # must agree on whose preview this is (no encoded or dotted tricks across users).
+    if not raw_path.startswith(prefix) or "/../" in raw_path or raw_path.endswith("/.."):
+        raise InvalidRequest("malformed preview path")
+    if request.host != settings.preview_host and "Authorization" not in request.headers:
+        # A browser on the main origin: previews render only on the preview origin.
+        raise web.HTTPTemporaryRedirect(f"{settings.preview_origin}{request.rel_url.raw_path_qs}")
+    try:
+        authorize_viewer(request, user, settings, request.app[PREVIEW_KEY])
+        port = await request.app[SANDBOXES].preview_port(user)
+    except GatewayError as err:
+        return _error(request, err)
+    await request.app[ACTIVITY].seen(user)
+    target = URL(f"http://127.0.0.1:{port}{request.rel_url.raw_path_qs}", encoded=True)
+    if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
+        return await _proxy_websocket(request, target, prefix)
+    return await _proxy_http(request, target, prefix)
+
+
+async def _proxy_http(request: web.Request, target: URL, prefix: str) -> web.StreamResponse:
+    headers = _request_headers(request)
+    body = request.content if request.body_exists else None
+    try:
+        upstream = await request.app[UPSTREAM].request(
+            request.method, target, headers=headers, data=body, allow_redirects=False
+        )
+    except (aiohttp.ClientError, TimeoutError) as err:
+        log.info("preview upstream %s failed: %r", target.port, err)
+        return _not_listening(request)
+    async with upstream:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(_response_headers(upstream.headers.items(), prefix, request))
+        await response.prepare(request)
+        if request.method != "HEAD":
+            # Streamed as it comes: a 50 MB download or an event stream never sits in memory.
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        await response.write_eof()
+    return response
+
+
+def _request_headers(request: web.Request) -> CIMultiDict[str]:
+    connection_listed = {
+        token.strip().lower()
+        for value in request.headers.getall(hdrs.CONNECTION, [])
+        for token in value.split(",")
+    }
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in connection_listed or lowered in ("host", "authorization"):
+            continue
+        if lowered == "cookie":
+            value = strip_preview_cookie(value)
+            if not value:
+                continue
+        if lowered.startswith("sec-websocket-") or lowered.startswith("x-forwarded-"):
+            continue
+        headers.add(name, value)
+    headers[hdrs.HOST] = UPSTREAM_HOST
+    forwarded_for = request.headers.get("X-Forwarded-For")
+    client = request.remote or ""
+    headers["X-Forwarded-For"] = f"{forwarded_for}, {client}" if forwarded_for else client
+    headers["X-Forwarded-Host"] = request.host
+    headers["X-Forwarded-Proto"] = request.scheme
+    return headers
+
+
+def _response_headers(
+    items: Iterable[tuple[str, str]], prefix: str, request: web.Request
+) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in items:
+        lowered = name.lower()
+        if lowered in DROPPED_RESPONSE_HEADERS:
+            continue
+        if lowered == "location":
+            value = _rewrite_location(value, prefix)
+        elif lowered == "set-cookie":
+            value = rewrite_set_cookie(value, prefix)
+            if not value:
+                continue
+        headers.add(name, value)
+    return headers
+
+
+def _rewrite_location(location: str, prefix: str) -> str:
+    """A redirect stays inside the preview: the dev server's own origin, or a path outside the prefix,
+    becomes a path under it. Redirects to other sites are left alone."""
+    url = URL(location)
+    if url.is_absolute():
+        if url.host not in ("localhost", "127.0.0.1", "0.0.0.0") or url.port != 5173:  # noqa: S104
+            return location
+        location = url.raw_path_qs + (f"#{url.raw_fragment}" if url.raw_fragment else "")
+    if location.startswith("/") and not location.startswith(prefix):
+        return prefix + location.lstrip("/")
+    return location
+
+
+async def _proxy_websocket(request: web.Request, target: URL, prefix: str) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and origin not in (settings.preview_origin, *settings.allowed_origins):
+        return _error(request, Forbidden(f"WebSocket connections from origin {origin} are not allowed"))
+    protocols = [
+        p.strip() for p in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",") if p.strip()
+    ]
+    headers = _request_headers(request)
+    try:
+        upstream = await request.app[UPSTREAM].ws_connect(
+            target.with_scheme("ws"),
+            protocols=protocols,
+            headers=headers,
+            origin=origin,
+            autoping=False,
+            max_msg_size=0,
+        )
+    except aiohttp.WSServerHandshakeError as err:
+        # The dev server refused (wrong path, bad token, no such subprotocol): pass its status on.
+        return web.Response(status=err.status, text=f"the dev server refused the WebSocket ({err.status})")
+    except (aiohttp.ClientError, TimeoutError):
+        return _not_listening(request)
+    async with upstream:
+        ws = web.WebSocketResponse(
+            protocols=[upstream.protocol] if upstream.protocol else (), autoping=False, max_msg_size=0
+        )
+        await ws.prepare(request)
+        await _relay_frames(ws, upstream)
+    return ws
+
+
+async def _relay_frames(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    async def pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                   sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:  # fmt: skip
+        async for message in source:
+            if message.type == WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type == WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == WSMsgType.PING:
+                await sink.ping(message.data)
+            elif message.type == WSMsgType.PONG:
+                await sink.pong(message.data)
+        # The source closed: close the other side with the same code.
+        await sink.close(code=source.close_code or 1000)
+
+    tasks = [asyncio.ensure_future(pump(client, upstream)), asyncio.ensure_future(pump(upstream, client))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(client.close(), upstream.close(), return_exceptions=True)
+
+
+def _wants_html(request: web.Request) -> bool:
+    return "text/html" in request.headers.get(hdrs.ACCEPT, "")
+
+
+def _error(request: web.Request, err: GatewayError) -> web.Response:
+    if not _wants_html(request):
+        raise err
+    return _page(err.status, "Preview unavailable", err.message)
+
+
+def _not_listening(request: web.Request) -> web.Response:
+    message = (
+        "Nothing answers on port 5173 in your sandbox yet. Start your dev server there, for example "
+        'npm run dev -- --host 0.0.0.0 --base "$PREVIEW_BASE"'
+    )
+    if _wants_html(request):
+        return _page(502, "Dev server not running", message)
+    return web.json_response({"error": {"code": "dev_server_not_running", "message": message}}, status=502)
+
+
+def _page(status: int, title: str, message: str) -> web.Response:
+    body = (
+        f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+        "<body style='font:16px system-ui;margin:3rem;color:#222'>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body>"
+    )
+    return web.Response(status=status, text=body, content_type="text/html")
+
+
+@web.middleware
+async def preview_host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The preview origin serves previews and their login, nothing else: no page, no API, so that a
+    preview's scripts cannot reach either on their own origin."""
+    if request.host == request.app[SETTINGS].preview_host and not (
+        request.path.startswith("/preview/") or request.path == LOGIN_PATH
+    ):
+        raise web.HTTPNotFound()
+    return await handler(request)
