@@ -1,0 +1,305 @@
+"""The preview proxy against a real HTTP + WebSocket server in a real sandbox (tests/fixtures/upstream.js)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+from yarl import URL
+
+from gateway.keys import ACTIVITY, DB
+from gateway.settings import Settings
+
+from .helpers import MakeClient, auth, poll, running_container_id
+
+pytestmark = [pytest.mark.docker, pytest.mark.postgres]
+
+UPSTREAM_JS = Path(__file__).parent / "fixtures" / "upstream.js"
+
+
+async def start_upstream(client: TestClient, docker: aiodocker.Docker, user: str) -> None:
+    """Starts the fixture server on port 5173 of the user's sandbox, detached from any run."""
+    source = await asyncio.to_thread(UPSTREAM_JS.read_text)
+    written = await client.post(
+        "/api/sandbox/exec",
+        headers=auth(user),
+        json={"language": "bash", "code": "cat > /workspace/upstream.js", "stdin": source},
+    )
+    assert (await written.json())["exit_code"] == 0
+    container = docker.containers.container(await running_container_id(client, user))
+    execution = await container.exec(["node", "/workspace/upstream.js"], user="sandbox", workdir="/workspace")
+    await execution.start(detach=True)
+
+
+class Preview:
+    """Requests to a user's preview on the preview origin, as a script would send them."""
+
+    def __init__(self, client: TestClient, settings: Settings, user: str) -> None:
+        self.client = client
+        self.host = settings.preview_host
+        self.user = user
+
+    def url(self, path: str) -> URL:
+        return URL(f"/preview/{self.user}/{path.lstrip('/')}", encoded=True)
+
+    async def request(
+        self, method: str, path: str, as_user: str | None = None, **kwargs: Any
+    ) -> aiohttp.ClientResponse:
+        headers = {"Host": self.host, **auth(as_user or self.user), **kwargs.pop("headers", {})}
+        return await self.client.request(
+            method, self.url(path), headers=headers, allow_redirects=False, **kwargs
+        )
+
+    async def echo(self, method: str = "GET", path: str = "echo", **kwargs: Any) -> dict[str, Any]:
+        response = await self.request(method, path, **kwargs)
+        assert response.status == 200, await response.text()
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+@pytest.fixture
+async def preview(client: TestClient, settings: Settings, docker: aiodocker.Docker) -> Preview:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    await start_upstream(client, docker, "alice")
+    alice = Preview(client, settings, "alice")
+
+    async def listening() -> bool:
+        return (await alice.request("GET", "echo")).status == 200
+
+    await poll(listening, timeout_s=20)
+    return alice
+
+
+async def test_methods_bodies_and_query_strings_pass_untouched(preview: Preview) -> None:
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        body = b"payload-" + method.encode() if method not in ("GET", "OPTIONS") else b""
+        echoed = await preview.echo(method, "echo?a=1&b=%2F&c=%20x&a=2", data=body)
+        assert echoed["method"] == method
+        assert echoed["url"] == "/preview/alice/echo?a=1&b=%2F&c=%20x&a=2"
+        assert echoed["size"] == len(body)
+        assert echoed["sha256"] == hashlib.sha256(body).hexdigest()
+    head = await preview.request("HEAD", "echo")
+    assert head.status == 200
+    assert await head.read() == b""
+
+
+async def test_large_upload_and_download_are_streamed(preview: Preview) -> None:
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    digest = hashlib.sha256()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            digest.update(chunk)
+            yield chunk
+
+    echoed = await preview.echo("POST", "echo", data=body())
+    assert echoed["size"] == 20 * len(chunk)
+    assert echoed["sha256"] == digest.hexdigest()
+
+    response = await preview.request("GET", "big?mb=50")
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(50 * 2**20)
+    received = 0
+    async for piece in response.content.iter_chunked(2**20):
+        received += len(piece)
+    assert received == 50 * 2**20
+
+
+async def test_server_sent_events_arrive_as_they_are_sent(preview: Preview) -> None:
+    started = time.monotonic()
+    response = await preview.request("GET", "sse")
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    arrivals = []
+    async for line in response.content:
+        if line.startswith(b"data:"):
+            arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == 3
+    # 700 ms apart at the source; a buffering proxy would deliver them together at the end.
+    assert arrivals[1] - arrivals[0] > 0.4
+    assert arrivals[2] - arrivals[1] > 0.4
+
+
+async def test_headers_hop_by_hop_forwarded_and_credentials(preview: Preview) -> None:
+    echoed = await preview.echo(
+        headers={
+            "Connection": "keep-alive, X-Private-Hop",
+            "X-Private-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "X-Custom": "kept",
+            "Cookie": "theme=dark; sandbox_preview=forged; lang=en",
+            "X-Forwarded-For": "10.1.2.3",
+        }
+    )
+    headers = echoed["headers"]
+    assert headers["host"] == "localhost:5173"
+    assert headers["x-forwarded-host"] == preview.host
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
+    assert headers["x-custom"] == "kept"
+    assert headers["cookie"] == "theme=dark; lang=en"
+    for gone in ("x-private-hop", "keep-alive", "authorization"):
+        assert gone not in headers
+
+
+async def test_redirects_and_cookies_stay_inside_the_prefix(preview: Preview) -> None:
+    own = await preview.request("GET", "redirect-own-origin")
+    assert (own.status, own.headers["Location"]) == (302, "/preview/alice/target?x=1")
+    root = await preview.request("GET", "redirect-root")
+    assert root.headers["Location"] == "/preview/alice/elsewhere"
+    away = await preview.request("GET", "redirect-away")
+    assert away.headers["Location"] == "https://example.org/"
+
+    cookies = await preview.request("GET", "cookies")
+    set_cookies = cookies.headers.getall("Set-Cookie")
+    assert any(
+        c.startswith("wide=1") and "Path=/preview/alice/" in c and "Domain" not in c for c in set_cookies
+    )
+    assert any(c.startswith("narrow=2") and "Path=/preview/alice/sub" in c for c in set_cookies)
+    assert "Service-Worker-Allowed" not in cookies.headers
+    assert (await preview.request("GET", "status/418")).status == 418
+
+
+async def test_websocket_subprotocol_frames_pings_and_close_codes(preview: Preview) -> None:
+    headers = {"Host": preview.host, **auth("alice")}
+    ws = await preview.client.ws_connect(
+        preview.url("ws?token=abc"), headers=headers, protocols=["vite-hmr"], autoping=False
+    )
+    assert ws.protocol == "vite-hmr"
+    await ws.send_str("héllo")
+    assert (await ws.receive()).data == "héllo"
+    await ws.send_bytes(b"\x00\xff binary")
+    message = await ws.receive()
+    assert (message.type, message.data) == (WSMsgType.BINARY, b"\x00\xff binary")
+    await ws.ping(b"are you there")
+    pong = await ws.receive()
+    assert (pong.type, pong.data) == (WSMsgType.PONG, b"are you there")
+    await ws.send_str("whoami")
+    seen = json.loads((await ws.receive()).data)
+    assert seen["url"] == "/preview/alice/ws?token=abc"
+    assert "authorization" not in seen["headers"]
+    await ws.send_str("close:4321")
+    closing = await ws.receive()
+    assert closing.type == WSMsgType.CLOSE
+    assert ws.close_code == 4321
+
+
+async def test_only_the_owner_sees_a_preview(preview: Preview, settings: Settings) -> None:
+    assert (await preview.request("GET", "echo", as_user="bob")).status == 403
+    anonymous = await preview.client.get(preview.url("echo"), headers={"Host": preview.host})
+    assert anonymous.status == 401
+    assert (await anonymous.json())["error"]["code"] == "unauthorized"
+    browser = await preview.client.get(
+        preview.url("echo"), headers={"Host": preview.host, "Accept": "text/html"}
+    )
+    assert browser.status == 401
+    assert "sign in" in (await browser.text()).lower()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await preview.client.ws_connect(preview.url("ws"), headers={"Host": preview.host, **auth("bob")})
+    assert refused.value.status == 403
+
+
+async def test_browser_cookie_flow(preview: Preview, settings: Settings) -> None:
+    session = await preview.client.post("/api/sandbox/preview-session", headers=auth("alice"))
+    assert session.status == 200
+    login_url = URL((await session.json())["login_url"])
+    assert login_url.host == settings.preview_host.split(":")[0]
+    login = await preview.client.get(login_url.path_qs, headers={"Host": preview.host}, allow_redirects=False)
+    assert login.status == 303
+    assert login.headers["Location"] == "/preview/alice/"
+    cookie = login.cookies["sandbox_preview"]
+    assert cookie["path"] == "/preview/alice/"
+    assert cookie["httponly"]
+    assert cookie["samesite"] == "Lax"
+    headers = {"Host": preview.host, "Cookie": f"sandbox_preview={cookie.value}; theme=dark"}
+    echoed = await preview.client.get(preview.url("echo"), headers=headers)
+    assert echoed.status == 200
+    # The credential never reaches the dev server.
+    assert (await echoed.json())["headers"]["cookie"] == "theme=dark"
+    # It opens this preview only, and never the API.
+    api = await preview.client.get("/api/sandbox", headers={"Cookie": f"sandbox_preview={cookie.value}"})
+    assert api.status == 401
+    # A forged or expired ticket gets nothing.
+    forged = await preview.client.get("/_preview/login?ticket=forged", headers={"Host": preview.host})
+    assert forged.status == 401
+    assert "sandbox_preview" not in forged.cookies
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/preview/alice/../bob/echo",
+        "/preview/alice/%2e%2e/bob/echo",
+        "/preview/bob/../alice/echo",
+        "/preview/al%69ce/echo",
+        "/preview/alice/" + "a" * 9000,
+    ],
+)
+async def test_path_tricks_never_reach_another_sandbox(preview: Preview, raw_path: str) -> None:
+    response = await preview.client.get(
+        URL(raw_path, encoded=True), headers={"Host": preview.host, **auth("bob")}, allow_redirects=False
+    )
+    # bob has no sandbox; whatever the path says, no answer comes from alice's server to bob.
+    assert response.status in (400, 403, 404, 409, 414, 431), (raw_path, response.status)
+
+
+async def test_dev_server_not_running_and_sandbox_stopped(client: TestClient, settings: Settings) -> None:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    preview = Preview(client, settings, "alice")
+    response = await preview.request("GET", "")
+    assert response.status == 502
+    assert (await response.json())["error"]["code"] == "dev_server_not_running"
+    page = await preview.request("GET", "", headers={"Accept": "text/html"})
+    assert page.status == 502
+    assert "port 5173" in await page.text()
+
+    assert (await client.delete("/api/sandbox", headers=auth("alice"))).status == 204
+
+    async def stopped() -> bool:
+        return (await preview.request("GET", "")).status == 409
+
+    await poll(stopped)
+    page = await preview.request("GET", "", headers={"Accept": "text/html"})
+    assert "not running" in await page.text()
+
+
+async def test_browsers_on_the_main_origin_are_sent_to_the_preview_origin(
+    client: TestClient, settings: Settings
+) -> None:
+    response = await client.get("/preview/alice/src/main.js?v=1", allow_redirects=False)
+    assert response.status == 307
+    assert response.headers["Location"] == f"{settings.preview_origin}/preview/alice/src/main.js?v=1"
+    slash = await client.get("/preview/alice", headers={"Host": settings.preview_host}, allow_redirects=False)
+    assert slash.headers["Location"] == "/preview/alice/"
+
+
+async def test_busy_preview_makes_no_write_storm(
+    make_client: MakeClient, settings: Settings, docker: aiodocker.Docker
+) -> None:
+    client = await make_client(activity_interval_s=5.0)
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    await start_upstream(client, docker, "alice")
+    preview = Preview(client, settings, "alice")
+    async with client.app[DB].acquire() as conn:
+        await conn.execute("UPDATE sessions SET last_activity = '2000-01-01'")
+    before = client.app[ACTIVITY].writes
+    await poll(lambda: _ok(preview))
+    for _ in range(200):
+        assert (await preview.request("GET", "echo")).status == 200
+    # 200 requests in a few seconds: at most a write or two, and last_activity did move.
+    assert client.app[ACTIVITY].writes - before <= 2
+    async with client.app[DB].acquire() as conn:
+        assert await conn.fetchval("SELECT last_activity > '2001-01-01' FROM sessions")
+
+
+async def _ok(preview: Preview) -> bool:
+    return (await preview.request("GET", "echo")).status == 200
