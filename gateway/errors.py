@@ -6,11 +6,13 @@
     ├── Forbidden                     403 forbidden
     ├── SandboxNotFound               404 sandbox_not_found
     ├── SandboxNotRunning             409 sandbox_not_running
+    ├── ProjectExists                 409 project_exists
     ├── PayloadTooLarge               413 payload_too_large
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TooManyRequests               429 too_many_requests
     ├── DockerFailed                  502 docker_error
-    │   └── SandboxStartFailed            sandbox_start_failed
+    │   ├── SandboxStartFailed            sandbox_start_failed
+    │   └── ProjectFailed                 project_failed
     └── ServiceUnavailable            503
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
@@ -57,6 +59,11 @@ class SandboxNotRunning(GatewayError):
     default_message = "your sandbox is not running; start it with POST /api/sandbox"
 
 
+class ProjectExists(GatewayError):
+    status = 409
+    code = "project_exists"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
@@ -79,6 +86,10 @@ class DockerFailed(GatewayError):
 
 class SandboxStartFailed(DockerFailed):
     code = "sandbox_start_failed"
+
+
+class ProjectFailed(DockerFailed):
+    code = "project_failed"
 
 
 class ServiceUnavailable(GatewayError):

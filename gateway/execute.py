@@ -105,13 +105,20 @@ class ExecRunner:
                 del self._in_flight[user]
 
     async def run(self, container_id: str, request: ExecRequest) -> ExecResult:
+        program = [*PROGRAMS[request.language], request.code]
+        return await self.run_program(container_id, program, request.stdin, request.timeout_ms)
+
+    async def run_program(
+        self, container_id: str, program: list[str], stdin: bytes, timeout_ms: int
+    ) -> ExecResult:
+        """Runs argv `program` as a run: stdin, output caps, timeout and the process-tree sweep."""
         run_id = secrets.token_hex(16)
         container = self._docker.containers.container(container_id)
-        command = ["sandbox-run", str(len(request.stdin)), *PROGRAMS[request.language], request.code]
+        command = ["sandbox-run", str(len(stdin)), *program]
         with _exec_errors():
             execution = await container.exec(
                 command,
-                stdin=bool(request.stdin),
+                stdin=bool(stdin),
                 user="sandbox",
                 workdir="/workspace",
                 environment={"SANDBOX_RUN_ID": run_id},
@@ -123,8 +130,8 @@ class ExecRunner:
         with _exec_errors():
             async with execution.start(detach=False) as stream:
                 try:
-                    async with asyncio.timeout(request.timeout_ms / 1000):
-                        await _pump(stream, request.stdin, output)
+                    async with asyncio.timeout(timeout_ms / 1000):
+                        await _pump(stream, stdin, output)
                 except TimeoutError:
                     timed_out = True
                     await self._kill_run(container, run_id)
@@ -141,6 +148,14 @@ class ExecRunner:
             truncated=output.truncated,
             duration_ms=duration_ms,
         )
+
+    async def start_detached(self, container_id: str, program: list[str]) -> None:
+        """Starts `program` outside any run (no run id), so that it outlives the request: a dev server."""
+        with _exec_errors():
+            execution = await self._docker.containers.container(container_id).exec(
+                program, user="sandbox", workdir="/workspace"
+            )
+            await execution.start(detach=True)
 
     async def _kill_run(self, container: Any, run_id: str) -> None:
         killer = await container.exec(["sandbox-kill-run", run_id], user="sandbox", stdout=True, stderr=True)

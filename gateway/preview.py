@@ -233,13 +233,17 @@ def _not_listening(request: web.Request) -> web.Response:
         'npm run dev -- --host 0.0.0.0 --base "$PREVIEW_BASE"'
     )
     if _wants_html(request):
-        return _page(502, "Dev server not running", message)
+        # The dev server is often seconds away from listening: the page tries again by itself.
+        return _page(
+            502, "Dev server not running", message + ". This page retries every 2 seconds.", refresh_s=2
+        )
     return web.json_response({"error": {"code": "dev_server_not_running", "message": message}}, status=502)
 
 
-def _page(status: int, title: str, message: str) -> web.Response:
+def _page(status: int, title: str, message: str, refresh_s: int | None = None) -> web.Response:
+    refresh = f"<meta http-equiv=refresh content={refresh_s}>" if refresh_s else ""
     body = (
-        f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<!doctype html><meta charset=utf-8>{refresh}<title>{html.escape(title)}</title>"
         "<body style='font:16px system-ui;margin:3rem;color:#222'>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body>"
     )

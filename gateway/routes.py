@@ -14,6 +14,7 @@ from .errors import GatewayError, ServiceUnavailable
 from .keys import DB, DOCKER, EXEC_RUNNER, OPENAPI_DOCUMENT, PUBLIC_ROUTES, SANDBOXES, SETTINGS, USER
 from .preview import preview, preview_redirect_slash
 from .preview_auth import LOGIN_PATH, preview_login, preview_session
+from .projects import create_project
 from .schemas import ExecBody, StartBody, exec_json, parse_body, session_json
 from .terminal import terminal
 
@@ -109,6 +110,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/api/sandbox/exec", exec_snippet)
     router.add_get("/api/sandbox/terminal", terminal, allow_head=False)
     router.add_post("/api/sandbox/preview-session", preview_session)
+    router.add_post("/api/sandbox/projects", create_project)
     public = [
         router.add_get("/healthz", healthz, allow_head=False),
         router.add_get("/api/openapi.json", openapi, allow_head=False),

@@ -47,6 +47,13 @@ class ExecBody(StrictModel):
         return ExecRequest(language=self.language, code=self.code, stdin=stdin, timeout_ms=timeout_ms)
 
 
+class ProjectBody(StrictModel):
+    template: Literal["react", "vanilla", "node"]
+    # A folder name directly under /workspace: no slashes, no leading dot.
+    name: str = pydantic.Field(default="app", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    start: bool = False
+
+
 async def parse_body(request: web.Request, model: type[Model], *, optional: bool = False) -> Model:
     """The request's JSON body as `model`; InvalidRequest names the offending field."""
     content_type = request.headers.get("Content-Type")

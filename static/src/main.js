@@ -24,7 +24,7 @@ function showSignedIn(token) {
   $("sign-in").hidden = Boolean(user);
   $("account").hidden = !user;
   $("user").textContent = user ?? "";
-  for (const id of ["run", "connect"]) $(id).disabled = !user;
+  for (const id of ["run", "connect", "preview-reload", "create-project"]) $(id).disabled = !user;
 }
 
 function showSandbox(next) {
@@ -120,8 +120,38 @@ $("run").addEventListener("click", async () => {
   }
 });
 
-$("preview-reload").addEventListener("click", () => {
-  if (sandbox?.preview_url) $("preview").src = sandbox.preview_url;
+// Browsers send no Authorization header from an iframe: a one-minute login link on the preview origin
+// trades for an HttpOnly cookie there, then redirects to the preview itself.
+async function showPreview() {
+  try {
+    const session = await call("POST", "/api/sandbox/preview-session");
+    $("preview").src = session.login_url;
+    $("preview-link").href = session.preview_url;
+  } catch (error) {
+    notify(describe(error));
+  }
+}
+
+$("preview-reload").addEventListener("click", showPreview);
+
+$("new-project").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("create-project").disabled = true;
+  $("preview-hint").textContent = "Creating the project and installing its dependencies…";
+  try {
+    const project = await call("POST", "/api/sandbox/projects", {
+      template: $("template").value,
+      name: $("project-name").value,
+      start: true,
+    });
+    $("preview-hint").textContent = `${project.path} created; its dev server logs to ${project.dev_server_log}.`;
+    // The dev server takes a moment to listen: show the preview once it answers.
+    setTimeout(showPreview, 1500);
+  } catch (error) {
+    $("preview-hint").textContent = describe(error);
+  } finally {
+    $("create-project").disabled = false;
+  }
 });
 
 const handedOver = takeTokenFromFragment();
