@@ -9,7 +9,10 @@ if [[ -z ${DATABASE_URL:-} ]]; then
     DATABASE_URL=$("$ROOT/scripts/ensure-postgres.sh")
     export DATABASE_URL
 fi
+command -v wrk >/dev/null || apt_install wrk
+command -v curl >/dev/null || apt_install curl
+command -v npm >/dev/null || apt_install npm
 cd "$ROOT"
-for bench in lifecycle exec terminal; do
+for bench in lifecycle exec terminal proxy; do
     "$VENV/bin/python" -m "bench.$bench"
 done

@@ -25,9 +25,10 @@ if [[ -z ${GATEWAY_JWT_SECRET:-} && -z ${GATEWAY_JWT_PUBLIC_KEY_FILE:-} ]]; then
     dev_token=$("$VENV/bin/python" -m gateway.devtoken "${DEMO_USER:-demo}" 12)
 fi
 
-host=${GATEWAY_HOST:-127.0.0.1}
-[[ $host == 0.0.0.0 || $host == :: ]] && host=127.0.0.1
-url="http://$host:${GATEWAY_PORT:-8080}/"
+# The page lives on its public URL (previews on a sibling origin: README, "Preview isolation").
+# Browsers resolve *.localhost to this machine by themselves.
+url="${GATEWAY_PUBLIC_URL:-http://sandbox.localhost:${GATEWAY_PORT:-8080}}"
+url="${url%/}/"
 echo
 if [[ -n $dev_token ]]; then
     # The token rides in the fragment, which browsers never send to a server or write to its logs.
@@ -36,8 +37,9 @@ if [[ -n $dev_token ]]; then
     echo "  DEVELOPMENT ONLY: that token is for user '${DEMO_USER:-demo}', valid 12 hours, signed with a secret"
     echo "  generated in $STATE_DIR/dev-jwt-secret. In production set GATEWAY_JWT_SECRET or"
     echo "  GATEWAY_JWT_PUBLIC_KEY_FILE, and tokens come from your identity provider."
+    echo "  API clients can use http://127.0.0.1:${GATEWAY_PORT:-8080}/api/... with that token as a bearer token."
 else
-    echo "  Open $url (send Authorization: Bearer <token> from your identity provider)"
+    echo "  Open $url (sign in with a token from your identity provider)"
 fi
 echo
 exec "$VENV/bin/python" -m gateway

@@ -1,0 +1,235 @@
+"""The preview proxy side by side: direct to the published port, through the gateway, and through
+configurable-http-proxy (JupyterHub's proxy), against the same upstream server in a sandbox.
+
+    .venv/bin/python -m bench.proxy [--seconds S]
+
+HTTP: wrk against a 2-byte response at 1, 16 and 64 connections (requests/s, p50, p99), and curl
+downloading 200 MB (MB/s). WebSocket: one connection, echo round trips one at a time (p50) and
+messages/s with 64 in flight, from the same aiohttp client for all three. Needs wrk, curl and Node.js
+on the host (scripts/bench.sh installs them); CHP comes from the npm registry into .state/bench/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiodocker
+import aiohttp
+
+from .common import ROOT, Gateway, free_port, running_gateway
+
+UPSTREAM_JS = ROOT / "tests" / "fixtures" / "upstream.js"
+CHP_DIR = ROOT / ".state" / "bench" / "chp"
+CONNECTIONS = (1, 16, 64)
+USER = "bench"
+
+
+@dataclass
+class Route:
+    name: str
+    base: str  # up to and including /preview/bench/
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def start_upstream(gateway: Gateway, docker: aiodocker.Docker) -> int:
+    """Starts tests/fixtures/upstream.js on 5173 in the bench user's sandbox; returns the published port."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway.url}/api/sandbox", headers=gateway.headers(USER)) as response:
+            assert response.status in (200, 201), await response.text()
+        async with session.post(
+            f"{gateway.url}/api/sandbox/exec",
+            headers=gateway.headers(USER),
+            json={
+                "language": "bash",
+                "code": "cat > /workspace/upstream.js",
+                "stdin": UPSTREAM_JS.read_text(),
+            },
+        ) as response:
+            assert (await response.json())["exit_code"] == 0
+    container = await docker.containers.get(f"{gateway.settings.gateway_name}-{USER}")
+    execution = await container.exec(["node", "/workspace/upstream.js"], user="sandbox")
+    await execution.start(detach=True)
+    info = await container.show()
+    port = int(info["NetworkSettings"]["Ports"]["5173/tcp"][0]["HostPort"])
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/preview/{USER}/small") as response:
+                    if response.status == 200:
+                        return port
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the upstream server did not start")
+
+
+def install_chp() -> Path:
+    binary = CHP_DIR / "node_modules" / ".bin" / "configurable-http-proxy"
+    if not binary.exists():
+        CHP_DIR.mkdir(parents=True, exist_ok=True)
+        npm = [
+            "npm",
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+            str(CHP_DIR),
+            "configurable-http-proxy@4",
+        ]
+        subprocess.run(npm, check=True, capture_output=True)
+    return binary
+
+
+@asynccontextmanager
+async def chp(target_port: int) -> AsyncIterator[int]:
+    """configurable-http-proxy in front of the upstream, installed once from the npm registry."""
+    binary = await asyncio.to_thread(install_chp)
+    port, api_port = free_port(), free_port()
+    arguments = [
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-ip",
+        "127.0.0.1",
+        "--api-port",
+        str(api_port),
+    ]
+    arguments += ["--default-target", f"http://127.0.0.1:{target_port}", "--log-level", "error"]
+    process = await asyncio.create_subprocess_exec(
+        str(binary), *arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/preview/{USER}/small") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+def wrk(route: Route, connections: int, seconds: int) -> tuple[float, float, float]:
+    """Requests/s, p50 ms and p99 ms of GET small through `route`."""
+    command = [
+        "wrk",
+        "-t",
+        "1" if connections == 1 else "2",
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds}s",
+        "--latency",
+    ]
+    for name, value in route.headers.items():
+        command += ["-H", f"{name}: {value}"]
+    output = subprocess.run(
+        [*command, route.base + "small"], check=True, capture_output=True, text=True
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    return rps, _latency(output, "50%"), _latency(output, "99%")
+
+
+def _latency(output: str, percentile: str) -> float:
+    value, unit = re.search(rf"{percentile}\s+([\d.]+)(us|ms|s)", output).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def download(route: Route, megabytes: int) -> float:
+    command = ["curl", "-sS", "-o", "/dev/null", "-w", "%{speed_download}"]
+    for name, value in route.headers.items():
+        command += ["-H", f"{name}: {value}"]
+    output = subprocess.run(
+        [*command, f"{route.base}big?mb={megabytes}"], check=True, capture_output=True, text=True
+    )
+    return float(output.stdout) / 1e6
+
+
+async def websocket(route: Route, round_trips: int, messages: int) -> tuple[float, float]:
+    """p50 round trip in ms, and messages/s echoed with 64 in flight."""
+    url = route.base.replace("http://", "ws://") + "ws"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, headers=route.headers) as ws:
+        latencies = []
+        for _ in range(round_trips):
+            started = time.perf_counter()
+            await ws.send_str("x")
+            await ws.receive()
+            latencies.append(time.perf_counter() - started)
+        window = asyncio.Semaphore(64)
+
+        async def sender() -> None:
+            for _ in range(messages):
+                await window.acquire()
+                await ws.send_str("m")
+
+        started = time.perf_counter()
+        sending = asyncio.ensure_future(sender())
+        for _ in range(messages):
+            await ws.receive()
+            window.release()
+        await sending
+        rate = messages / (time.perf_counter() - started)
+    return statistics.median(latencies) * 1000, rate
+
+
+async def main(seconds: int) -> None:
+    async with running_gateway() as gateway, aiodocker.Docker() as docker:
+        upstream_port = await start_upstream(gateway, docker)
+        async with chp(upstream_port) as chp_port:
+            gateway_port = gateway.url.rsplit(":", 1)[1]
+            routes = [
+                Route("direct", f"http://127.0.0.1:{upstream_port}/preview/{USER}/"),
+                Route(
+                    "gateway",
+                    f"http://127.0.0.1:{gateway_port}/preview/{USER}/",
+                    {"Host": gateway.settings.preview_host, **gateway.headers(USER)},
+                ),
+                Route("configurable-http-proxy", f"http://127.0.0.1:{chp_port}/preview/{USER}/"),
+            ]
+            http = {r.name: {c: wrk(r, c, seconds) for c in CONNECTIONS} for r in routes}
+            downloads = {r.name: download(r, 200) for r in routes}
+            sockets = {r.name: await websocket(r, 2000, 20_000) for r in routes}
+
+    direct = "direct"
+    print(f"\nHTTP GET of 2 bytes (wrk, {seconds} s each)")
+    print(
+        f"  {'':<26}"
+        + "".join(f"{f'c={c} req/s':>14}{'p50 ms':>8}{'p99 ms':>8}{'x':>6}" for c in CONNECTIONS)
+    )
+    for name, results in http.items():
+        cells = ""
+        for c in CONNECTIONS:
+            rps, p50, p99 = results[c]
+            cells += f"{rps:>14.0f}{p50:>8.2f}{p99:>8.2f}{rps / http[direct][c][0]:>6.2f}"
+        print(f"  {name:<26}{cells}")
+    added = http["gateway"][1][1] - http[direct][1][1]
+    print(f"  gateway adds {added:.2f} ms to the p50 at c=1; gateway / CHP at c=16: "
+          f"{http['gateway'][16][0] / http['configurable-http-proxy'][16][0]:.2f}x")  # fmt: skip
+    print("\nDownload of 200 MB (curl)")
+    for name, rate in downloads.items():
+        print(f"  {name:<26}{rate:>10.0f} MB/s{rate / downloads[direct]:>8.2f}x")
+    print("\nWebSocket echo (one connection; aiohttp client)")
+    print(f"  {'':<26}{'p50 ms':>10}{'msg/s':>10}{'x msg/s':>9}")
+    for name, (p50, rate) in sockets.items():
+        print(f"  {name:<26}{p50:>10.3f}{rate:>10.0f}{rate / sockets[direct][1]:>9.2f}")
+    print(f"  gateway adds {sockets['gateway'][0] - sockets[direct][0]:.3f} ms to the round-trip p50")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    asyncio.run(main(parser.parse_args().seconds))
