@@ -12,10 +12,12 @@ from aiohttp import web
 from . import db
 from .activity import ActivityRecorder
 from .auth import auth_middleware
+from .errors import GatewayError
 from .execute import ExecRunner
 from .keys import ACTIVITY, DB, DOCKER, EXEC_RUNNER, PREVIEW_KEY, SANDBOXES, SETTINGS, TERMINALS, UPSTREAM
 from .middlewares import error_middleware
 from .preview import preview_host_middleware, upstream_session
+from .reaper import reaper_ctx
 from .routes import setup_routes
 from .sandboxes import Sandboxes
 from .settings import Settings
@@ -45,6 +47,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(docker_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(services_ctx)
+    app.cleanup_ctx.append(reaper_ctx)
     # WebSockets must close before aiohttp waits for handlers to finish, hence on_shutdown.
     app.on_shutdown.append(close_terminals_on_shutdown)
     setup_routes(app)
@@ -89,4 +92,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EXEC_RUNNER] = ExecRunner(app[DOCKER], settings.exec)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)
+    try:
+        await app[SANDBOXES].reconcile()
+    except GatewayError as err:
+        # The gateway serves what it can without Docker; the next start reconciles that user anyway.
+        log.warning("could not reconcile sessions with Docker at start: %s", err.message)
     yield

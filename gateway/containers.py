@@ -6,6 +6,7 @@ engine is unavailable.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -176,6 +177,55 @@ async def is_running(docker: aiodocker.Docker, container_id: str) -> bool:
                 return False
             raise
     return bool(info["State"]["Running"])
+
+
+@dataclass(frozen=True)
+class LabelledContainer:
+    id: str
+    running: bool
+
+
+async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, LabelledContainer]:
+    """This deployment's sandbox containers, running or not, by user."""
+    filters = json.dumps({"label": [f"{LABEL_GATEWAY}={settings.gateway_name}", LABEL_USER]})
+    with docker_errors("listing sandbox containers"):
+        listed = await docker.containers.list(all="1", filters=filters)
+    found = {}
+    for container in listed:
+        info = container._container  # the list entry aiodocker keeps; no extra request
+        found[info["Labels"][LABEL_USER]] = LabelledContainer(
+            id=info["Id"], running=info["State"] == "running"
+        )
+    return found
+
+
+async def death_reason(docker: aiodocker.Docker, container_id: str) -> str | None:
+    """None while the container runs; otherwise why it does not (oom_killed, exited_137, gone)."""
+    with docker_errors("inspecting the sandbox container"):
+        try:
+            state = (await docker.containers.container(container_id).show())["State"]
+        except aiodocker.DockerError as err:
+            if err.status == 404:
+                return "container_gone"
+            raise
+    if state["Running"]:
+        return None
+    if state.get("OOMKilled"):
+        return "oom_killed"
+    return f"exited_{state.get('ExitCode')}"
+
+
+async def remove_workspace(docker: aiodocker.Docker, settings: Settings, user: str) -> bool:
+    """Deletes the user's workspace volume; whether there was one."""
+    with docker_errors("removing the workspace"):
+        try:
+            volume = await docker.volumes.get(workspace_volume(settings, user))  # type: ignore[no-untyped-call]
+        except aiodocker.DockerError as err:
+            if err.status == 404:
+                return False
+            raise
+        await volume.delete()
+    return True
 
 
 async def remove_container(docker: aiodocker.Docker, container_id: str) -> None:

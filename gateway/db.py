@@ -145,6 +145,15 @@ async def advisory_lock(conn: Connection, key: str) -> AsyncIterator[None]:
         await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
 
 
+async def try_advisory_lock(conn: Connection, key: str) -> bool:
+    locked: bool = await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key)
+    return locked
+
+
+async def advisory_unlock(conn: Connection, key: str) -> None:
+    await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+
+
 def user_lock(conn: Connection, user: str) -> AbstractAsyncContextManager[None]:
     """One start or stop per user at a time."""
     return advisory_lock(conn, USER_LOCK_PREFIX + user)
@@ -153,6 +162,24 @@ def user_lock(conn: Connection, user: str) -> AbstractAsyncContextManager[None]:
 async def get_session(conn: Connection, user: str) -> Session | None:
     record = await conn.fetchrow("SELECT * FROM sessions WHERE user_id = $1", user)
     return Session.from_record(record) if record else None
+
+
+async def active_sessions(conn: Connection) -> list[Session]:
+    records = await conn.fetch("SELECT * FROM sessions WHERE state IN ('starting', 'running', 'stopping')")
+    return [Session.from_record(r) for r in records]
+
+
+async def idle_users(conn: Connection, idle_timeout_s: float) -> list[str]:
+    """Users whose running sandbox has seen no activity for idle_timeout_s, oldest first."""
+    records = await conn.fetch(
+        """
+        SELECT user_id FROM sessions
+        WHERE state = 'running' AND last_activity < now() - make_interval(secs => $1)
+        ORDER BY last_activity
+        """,
+        float(idle_timeout_s),
+    )
+    return [r["user_id"] for r in records]
 
 
 async def reserve_slot(conn: Connection, user: str, max_sandboxes: int) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import containers, db
-from .errors import GatewayError, ServiceUnavailable
+from .errors import GatewayError, InvalidRequest, ServiceUnavailable
 from .keys import DB, DOCKER, EXEC_RUNNER, OPENAPI_DOCUMENT, PUBLIC_ROUTES, SANDBOXES, SETTINGS, USER
 from .preview import preview, preview_redirect_slash
 from .preview_auth import LOGIN_PATH, preview_login, preview_session
@@ -40,7 +40,11 @@ async def get_sandbox(request: web.Request) -> web.Response:
 
 
 async def stop_sandbox(request: web.Request) -> web.Response:
-    await request.app[SANDBOXES].stop(request[USER])
+    """DELETE /api/sandbox[?purge=true]: stop; with purge, also delete the workspace for good."""
+    purge = request.query.get("purge", "false")
+    if purge not in ("true", "false"):
+        raise InvalidRequest("purge: must be true or false")
+    await request.app[SANDBOXES].stop(request[USER], purge=purge == "true")
     return web.Response(status=204)
 
 

@@ -67,24 +67,84 @@ class Sandboxes:
             return StartResult(session, created=True)
 
     async def get(self, user: str) -> Session:
+        """The user's session; a container that died from outside (OOM, docker kill) is recorded as
+        stopped, with why, the moment anyone looks."""
         async with db.connection(self._pool) as conn:
             session = await db.get_session(conn, user)
         if session is None:
             raise SandboxNotFound("you have no sandbox; start one with POST /api/sandbox")
+        if session.state == "running" and session.container_id:
+            death = await containers.death_reason(self._docker, session.container_id)
+            if death is not None:
+                await self._record_death(user, session.container_id, death)
+                return await self.get(user)
         return session
 
-    async def stop(self, user: str, reason: str = "user") -> None:
-        """Removes the user's container; the workspace volume stays."""
+    async def _record_death(self, user: str, container_id: str, reason: str) -> None:
         async with db.connection(self._pool) as conn, db.user_lock(conn, user):
             session = await db.get_session(conn, user)
-            if session is None or session.state == "stopped":
-                raise SandboxNotFound("you have no running sandbox")
-            await db.mark_stopping(conn, user, reason)
-            # A start that died half-way left no id, only the container's deterministic name.
-            target = session.container_id or containers.container_name(self._settings, user)
-            await containers.remove_container(self._docker, target)
-            await db.mark_stopped(conn, user, reason)
-            log.info("stopped sandbox of %s (%s)", user, reason)
+            # Someone else may have restarted or stopped it while we waited for the lock.
+            if session is None or session.state != "running" or session.container_id != container_id:
+                return
+            log.info("sandbox of %s died from outside: %s", user, reason)
+            await self._stop_locked(conn, user, session, reason)
+
+    async def stop(self, user: str, reason: str = "user", *, purge: bool = False) -> None:
+        """Removes the user's container; the workspace volume stays unless `purge`."""
+        async with db.connection(self._pool) as conn, db.user_lock(conn, user):
+            session = await db.get_session(conn, user)
+            running = session is not None and session.state != "stopped"
+            if running:
+                assert session is not None
+                await self._stop_locked(conn, user, session, reason)
+            purged = purge and await containers.remove_workspace(self._docker, self._settings, user)
+            if not running and not purged:
+                raise SandboxNotFound("you have no running sandbox" + (" and no workspace" if purge else ""))
+
+    async def stop_if_idle(self, user: str, idle_timeout_s: float) -> bool:
+        """Stops the sandbox if it is still idle once we hold its lock; never waits for the lock, so
+        that reapers on several gateways skip what another is already handling."""
+        async with db.connection(self._pool) as conn:
+            if not await db.try_advisory_lock(conn, db.USER_LOCK_PREFIX + user):
+                return False
+            try:
+                session = await db.get_session(conn, user)
+                idle_since = datetime.now(UTC) - timedelta(seconds=idle_timeout_s)
+                if session is None or session.state != "running" or session.last_activity > idle_since:
+                    return False
+                await self._stop_locked(conn, user, session, "idle")
+                return True
+            finally:
+                await db.advisory_unlock(conn, db.USER_LOCK_PREFIX + user)
+
+    async def _stop_locked(self, conn: db.Connection, user: str, session: Session, reason: str) -> None:
+        await db.mark_stopping(conn, user, reason)
+        # A start that died half-way left no id, only the container's deterministic name.
+        target = session.container_id or containers.container_name(self._settings, user)
+        await containers.remove_container(self._docker, target)
+        await db.mark_stopped(conn, user, reason)
+        self._ports.pop(user, None)
+        log.info("stopped sandbox of %s (%s)", user, reason)
+
+    async def reconcile(self) -> None:
+        """Makes PostgreSQL and Docker agree after a restart: a running labelled container with a
+        session is adopted as it is; one without is removed; a session whose container is gone is
+        marked stopped. Nothing depends on the memory of an earlier process."""
+        found = await containers.labelled(self._docker, self._settings)
+        async with db.connection(self._pool) as conn:
+            active = {s.user: s for s in await db.active_sessions(conn)}
+        for user, session in active.items():
+            container = found.get(user)
+            if container is None or container.id != session.container_id or not container.running:
+                await self._record_death(user, session.container_id or "", "container_gone")
+        for user, container in found.items():
+            owner = active.get(user)
+            if owner is None or owner.container_id != container.id:
+                async with db.connection(self._pool) as conn, db.user_lock(conn, user):
+                    current = await db.get_session(conn, user)
+                    if current is None or current.container_id != container.id:
+                        log.info("removing container %.12s of %s: no session owns it", container.id, user)
+                        await containers.remove_container(self._docker, container.id)
 
     async def running_container(self, user: str) -> str:
         """The id of the user's running container, for exec and friends; counts as activity."""

@@ -51,7 +51,8 @@ class Settings:
     ca_bundle: str | None = DEFAULT_CA_BUNDLE
     max_sandboxes: int = 50
     limits: SandboxLimits = SandboxLimits()
-    idle_timeout_s: int = 1800
+    idle_timeout_s: float = 1800
+    reaper_interval_s: float = 60
     # last_activity is written at most this often per user (and per terminal) by ordinary use.
     activity_interval_s: float = 5.0
     exec: ExecSettings = ExecSettings()
@@ -106,6 +107,7 @@ class Settings:
                 pids=_int(env, "SANDBOX_PIDS", 256, minimum=16),
             ),
             idle_timeout_s=_int(env, "SANDBOX_IDLE_TIMEOUT_S", 1800, minimum=1),
+            reaper_interval_s=_int(env, "REAPER_INTERVAL_S", 60, minimum=1),
             exec=ExecSettings(
                 default_timeout_ms=_int(env, "EXEC_DEFAULT_TIMEOUT_MS", 10_000, minimum=1),
                 max_timeout_ms=_int(env, "EXEC_MAX_TIMEOUT_MS", 60_000, minimum=1),

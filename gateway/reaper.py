@@ -1,0 +1,57 @@
+"""The idle reaper: stops sandboxes whose last_activity is older than the idle timeout.
+
+Every gateway runs one. They cooperate through PostgreSQL: a reaper skips a user whose lock another
+holds, and re-reads the row under the lock, so no sandbox is stopped twice and none is stopped while
+someone starts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import asyncpg
+from aiohttp import web
+
+from . import db
+from .errors import GatewayError
+from .keys import DB, SANDBOXES, SETTINGS
+from .sandboxes import Sandboxes
+
+log = logging.getLogger(__name__)
+
+
+async def reap_once(sandboxes: Sandboxes, pool: asyncpg.Pool, idle_timeout_s: float) -> list[str]:
+    """One pass: the users whose sandboxes this pass stopped."""
+    async with db.connection(pool) as conn:
+        candidates = await db.idle_users(conn, idle_timeout_s)
+    reaped = []
+    for user in candidates:
+        if await sandboxes.stop_if_idle(user, idle_timeout_s):
+            reaped.append(user)
+    if reaped:
+        log.info("reaped %d idle sandboxes: %s", len(reaped), ", ".join(reaped))
+    return reaped
+
+
+async def _reap_forever(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    while True:
+        await asyncio.sleep(settings.reaper_interval_s)
+        try:
+            await reap_once(app[SANDBOXES], app[DB], settings.idle_timeout_s)
+        except GatewayError as err:
+            # Docker or PostgreSQL away: the next pass tries again.
+            log.warning("reaper pass failed: %s", err.message)
+        except Exception:
+            log.exception("reaper pass failed")
+
+
+async def reaper_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_reap_forever(app), name="reaper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
