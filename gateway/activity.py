@@ -25,9 +25,9 @@ class ActivityRecorder:
         if now - self._last_write.get(user, float("-inf")) < self._interval_s:
             return
         self._last_write[user] = now
-        self.writes += 1
         try:
             await self._sandboxes.record_activity(user)
+            self.writes += 1
         except GatewayError as err:
             # Activity is best effort: losing one write costs the reaper a few seconds of precision.
             log.warning("could not record activity of %s: %s", user, err.message)

@@ -13,6 +13,7 @@ import asyncio
 import html
 import logging
 from collections.abc import Iterable
+from contextlib import suppress
 
 import aiohttp
 from aiohttp import WSMsgType, hdrs, web
@@ -195,6 +196,13 @@ async def _proxy_websocket(request: web.Request, target: URL, prefix: str) -> we
 async def _relay_frames(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
     async def pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
                    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:  # fmt: skip
+        # The other side may go away at any moment; that ends the relay, it is not an error.
+        with suppress(ConnectionResetError):
+            await _copy(source, sink)
+        await sink.close(code=source.close_code or 1000)
+
+    async def _copy(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:  # fmt: skip
         async for message in source:
             if message.type == WSMsgType.TEXT:
                 await sink.send_str(message.data)
@@ -204,8 +212,6 @@ async def _relay_frames(client: web.WebSocketResponse, upstream: aiohttp.ClientW
                 await sink.ping(message.data)
             elif message.type == WSMsgType.PONG:
                 await sink.pong(message.data)
-        # The source closed: close the other side with the same code.
-        await sink.close(code=source.close_code or 1000)
 
     tasks = [asyncio.ensure_future(pump(client, upstream)), asyncio.ensure_future(pump(upstream, client))]
     try:

@@ -1,0 +1,178 @@
+"""Persistence, idle reaping and reconciliation on real Docker and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiodocker
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+
+from gateway.containers import LABEL_GATEWAY, LABEL_USER, container_config, workspace_volume
+from gateway.keys import ACTIVITY, DB, SANDBOXES
+from gateway.reaper import reap_once
+from gateway.settings import Settings
+
+from .helpers import MakeClient, auth, poll, running_container_id
+
+pytestmark = [pytest.mark.docker, pytest.mark.postgres]
+
+
+async def bash(client: TestClient, code: str, user: str = "alice") -> dict[str, Any]:
+    response = await client.post(
+        "/api/sandbox/exec", headers=auth(user), json={"language": "bash", "code": code}
+    )
+    assert response.status == 200, await response.text()
+    result: dict[str, Any] = await response.json()
+    return result
+
+
+async def state_of(client: TestClient, user: str = "alice") -> tuple[str, str | None]:
+    body = await (await client.get("/api/sandbox", headers=auth(user))).json()
+    return body["state"], body["stop_reason"]
+
+
+async def make_idle(client: TestClient, *users: str) -> None:
+    async with client.app[DB].acquire() as conn:
+        await conn.execute(
+            "UPDATE sessions SET last_activity = now() - interval '1 hour' WHERE user_id = ANY($1)",
+            list(users),
+        )
+
+
+async def test_workspace_survives_stop_and_start(client: TestClient) -> None:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    await bash(client, "echo kept > /workspace/note.txt")
+    assert (await client.delete("/api/sandbox", headers=auth("alice"))).status == 204
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    assert (await bash(client, "cat /workspace/note.txt"))["stdout"] == "kept\n"
+
+
+async def test_purge_deletes_the_workspace(
+    client: TestClient, docker: aiodocker.Docker, settings: Settings
+) -> None:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    await bash(client, "echo gone > /workspace/note.txt")
+    assert (await client.delete("/api/sandbox?purge=maybe", headers=auth("alice"))).status == 400
+    assert (await client.delete("/api/sandbox?purge=true", headers=auth("alice"))).status == 204
+    with pytest.raises(aiodocker.DockerError):
+        await docker.volumes.get(workspace_volume(settings, "alice"))
+    # Purging what is already gone is 404.
+    assert (await client.delete("/api/sandbox?purge=true", headers=auth("alice"))).status == 404
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    assert (await bash(client, "ls -A /workspace | wc -l"))["stdout"] == "0\n"
+
+
+async def test_idle_sandbox_is_reaped_and_comes_back_with_its_workspace(make_client: MakeClient) -> None:
+    client = await make_client(idle_timeout_s=60, reaper_interval_s=0.2)
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    assert (await client.post("/api/sandbox", headers=auth("bob"))).status == 201
+    await bash(client, "echo survived > /workspace/note.txt")
+    writes = client.app[ACTIVITY].writes
+    ws = await client.ws_connect(
+        "/api/sandbox/terminal", headers=auth("alice"), protocols=["sandbox-terminal.v1"]
+    )
+
+    # Terminal output is activity: the prompt's is recorded first, then the terminal falls silent.
+    async def prompt_recorded() -> bool:
+        return client.app[ACTIVITY].writes > writes
+
+    await poll(prompt_recorded)
+    await make_idle(client, "alice")
+
+    async def reaped() -> bool:
+        return await state_of(client) == ("stopped", "idle")
+
+    await poll(reaped)
+    # Its terminal is closed with the reason; the busy neighbour is left alone.
+    message = await ws.receive()
+    while message.type == WSMsgType.BINARY:
+        message = await ws.receive()
+    assert ws.close_code == 4000
+    assert "idle" in message.extra
+    assert await state_of(client, "bob") == ("running", None)
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    assert (await bash(client, "cat /workspace/note.txt"))["stdout"] == "survived\n"
+
+
+async def test_two_reapers_never_stop_the_same_sandbox_twice(make_client: MakeClient) -> None:
+    one, two = await make_client(), await make_client()
+    users = [f"idle{i}" for i in range(4)]
+    for user in users:
+        assert (await one.post("/api/sandbox", headers=auth(user))).status == 201
+    await make_idle(one, *users)
+    first, second = await asyncio.gather(
+        reap_once(one.app[SANDBOXES], one.app[DB], 60), reap_once(two.app[SANDBOXES], two.app[DB], 60)
+    )
+    assert sorted(first + second) == users
+    assert not set(first) & set(second)
+    for user in users:
+        assert await state_of(one, user) == ("stopped", "idle")
+
+
+async def test_a_second_gateway_adopts_running_sandboxes(
+    make_client: MakeClient, docker: aiodocker.Docker, settings: Settings
+) -> None:
+    first = await make_client()
+    assert (await first.post("/api/sandbox", headers=auth("alice"))).status == 201
+    container_id = await running_container_id(first, "alice")
+    await first.close()  # the old gateway goes away; its sandboxes stay
+    second = await make_client()
+    assert await running_container_id(second, "alice") == container_id
+    assert (await bash(second, "echo adopted"))["stdout"] == "adopted\n"
+    info = await docker.containers.container(container_id).show()
+    assert info["State"]["Running"]
+
+
+async def test_reconciliation_at_start(
+    make_client: MakeClient, docker: aiodocker.Docker, settings: Settings
+) -> None:
+    first = await make_client()
+    for user in ("alice", "bob"):
+        assert (await first.post("/api/sandbox", headers=auth(user))).status == 201
+    # bob's container vanishes behind the gateway's back, and a labelled stranger appears.
+    await docker.containers.container(await running_container_id(first, "bob")).delete(force=True)
+    stranger = await docker.containers.create(
+        container_config(settings, "mallory"), name=f"{settings.gateway_name}-mallory"
+    )
+    await stranger.start()
+    await first.close()
+
+    second = await make_client()
+    assert await state_of(second, "alice") == ("running", None)
+    assert await state_of(second, "bob") == ("stopped", "container_gone")
+    label = json.dumps({"label": [f"{LABEL_GATEWAY}={settings.gateway_name}", f"{LABEL_USER}=mallory"]})
+    assert await docker.containers.list(all="1", filters=label) == []
+
+
+async def test_container_killed_from_outside_shows_why_and_recovers(
+    client: TestClient, docker: aiodocker.Docker
+) -> None:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    await bash(client, "echo still-here > /workspace/note.txt")
+    await docker.containers.container(await running_container_id(client, "alice")).kill(signal="SIGKILL")
+
+    async def shows_exited() -> bool:
+        return await state_of(client) == ("stopped", "exited_137")
+
+    await poll(shows_exited)
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    assert (await bash(client, "cat /workspace/note.txt"))["stdout"] == "still-here\n"
+
+
+async def test_memory_limit_kills_a_hog_with_137(client: TestClient) -> None:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    hog = "const keep = []; for (;;) keep.push(Buffer.alloc(16 * 1024 * 1024, 1));"
+    response = await client.post(
+        "/api/sandbox/exec",
+        headers=auth("alice"),
+        json={"language": "node", "code": hog, "timeout_ms": 30_000},
+    )
+    result = await response.json()
+    assert result["timed_out"] is False
+    assert result["exit_code"] == 137
+    # The sandbox itself lives on.
+    assert (await bash(client, "echo alive"))["stdout"] == "alive\n"
