@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Gateway:
     url: str
     settings: Settings
+    pid: int
 
     def headers(self, user: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {mint_token(user, self.settings, 3600)}"}
@@ -93,7 +94,7 @@ async def _gateway_process(database_url: str, **env: str) -> AsyncIterator[Gatew
     url = f"http://127.0.0.1:{port}"
     try:
         await _wait_healthy(url)
-        yield Gateway(url=url, settings=settings)
+        yield Gateway(url=url, settings=settings, pid=process.pid)
     finally:
         process.send_signal(signal.SIGINT)
         await process.wait()

@@ -21,15 +21,22 @@ from .sandboxes import Sandboxes
 
 log = logging.getLogger(__name__)
 
+PARALLEL_STOPS = 8
+
 
 async def reap_once(sandboxes: Sandboxes, pool: asyncpg.Pool, idle_timeout_s: float) -> list[str]:
     """One pass: the users whose sandboxes this pass stopped."""
     async with db.connection(pool) as conn:
         candidates = await db.idle_users(conn, idle_timeout_s)
-    reaped = []
-    for user in candidates:
-        if await sandboxes.stop_if_idle(user, idle_timeout_s):
-            reaped.append(user)
+    # A few stops at a time: each waits on Docker, and the pool must keep room for requests.
+    room = asyncio.Semaphore(PARALLEL_STOPS)
+
+    async def stop(user: str) -> bool:
+        async with room:
+            return await sandboxes.stop_if_idle(user, idle_timeout_s)
+
+    stopped = await asyncio.gather(*(stop(user) for user in candidates))
+    reaped = [user for user, done in zip(candidates, stopped, strict=True) if done]
     if reaped:
         log.info("reaped %d idle sandboxes: %s", len(reaped), ", ".join(reaped))
     return reaped

@@ -4,6 +4,7 @@ what to install; nothing here skips."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiodocker
@@ -24,7 +25,7 @@ from gateway.app import create_app
 from gateway.containers import LABEL_GATEWAY
 from gateway.settings import ExecSettings, SandboxLimits, Settings
 
-from .helpers import JWT_SECRET, MakeClient
+from .helpers import JWT_SECRET, MakeClient, free_port
 
 SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest")
 
@@ -38,37 +39,72 @@ def _postgres_bin() -> Path:
     return candidates[-1].parent
 
 
+@dataclass
+class PostgresCluster:
+    """The suite's throwaway cluster; tests of database faults stop and start it."""
+
+    dsn: str
+    pg_bin: Path | None = None
+    folder: Path | None = None
+
+    def _pg_ctl(self, *args: str) -> None:
+        if self.pg_bin is None or self.folder is None:
+            pytest.fail(
+                "this test stops PostgreSQL: run it on the suite's own cluster, not TEST_DATABASE_URL"
+            )
+        command = [str(self.pg_bin / "pg_ctl"), "-D", f"{self.folder}/data", *args]
+        subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True, capture_output=True)
+
+    def start(self) -> None:
+        assert self.folder is not None
+        options = f"-c listen_addresses='' -c unix_socket_directories='{self.folder}' -c fsync=off"
+        self._pg_ctl("-l", f"{self.folder}/log", "-w", "-o", options, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg_ctl("-m", mode, "-w", "stop")
+
+
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """A DSN to the `postgres` database of a throwaway cluster (or of TEST_DATABASE_URL)."""
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway cluster for the session (or TEST_DATABASE_URL's server)."""
     if url := os.environ.get("TEST_DATABASE_URL"):
-        yield url
+        yield PostgresCluster(dsn=url)
         return
     pg_bin = _postgres_bin()
     # initdb refuses root; the postgres user must own the folder, which /tmp lets it reach.
     folder = Path(tempfile.mkdtemp(prefix="sgtest-pg-"))
     shutil.chown(folder, "postgres")
-
-    def as_postgres(*args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, capture_output=True)
-
+    cluster = PostgresCluster(
+        dsn=f"postgresql://postgres@/postgres?host={folder}", pg_bin=pg_bin, folder=folder
+    )
     try:
-        as_postgres(
-            str(pg_bin / "initdb"), "--no-sync", "-A", "trust", "-U", "postgres", "-D", f"{folder}/data"
-        )
-        as_postgres(
-            str(pg_bin / "pg_ctl"), "-D", f"{folder}/data", "-l", f"{folder}/log", "-w", "-o",
-            f"-c listen_addresses='' -c unix_socket_directories='{folder}' -c fsync=off", "start",
-        )  # fmt: skip
+        initdb = [
+            str(pg_bin / "initdb"),
+            "--no-sync",
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-D",
+            f"{folder}/data",
+        ]
+        subprocess.run(["runuser", "-u", "postgres", "--", *initdb], check=True, capture_output=True)
+        cluster.start()
     except subprocess.CalledProcessError as err:
         shutil.rmtree(folder, ignore_errors=True)
         pytest.fail(f"could not start a throwaway PostgreSQL cluster: {err.stderr.decode()}")
     try:
-        yield f"postgresql://postgres@/postgres?host={folder}"
+        yield cluster
     finally:
-        stop = [str(pg_bin / "pg_ctl"), "-D", f"{folder}/data", "-m", "immediate", "stop"]
-        subprocess.run(["runuser", "-u", "postgres", "--", *stop], check=False, capture_output=True)
+        with contextlib.suppress(subprocess.CalledProcessError):
+            cluster.stop("immediate")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_cluster: PostgresCluster) -> str:
+    """A DSN to the `postgres` database of the suite's cluster."""
+    return postgres_cluster.dsn
 
 
 @pytest.fixture
@@ -78,10 +114,17 @@ async def database_url(postgres_server: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(postgres_server)
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    finally:
+        await admin.close()
+    try:
         yield postgres_server.replace("/postgres?", f"/{name}?", 1)
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        # A connection of its own: the test may have restarted the server under the first one.
+        admin = await asyncpg.connect(postgres_server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 @pytest.fixture(scope="session")
@@ -137,17 +180,13 @@ async def remove_gateway_objects(docker: aiodocker.Docker, gateway_name: str) ->
 
 
 @pytest.fixture
-async def make_client(
-    settings: Settings,
-    aiohttp_client: Callable[..., Awaitable[TestClient]],
-    unused_tcp_port_factory: Callable[[], int],
-) -> MakeClient:
+async def make_client(settings: Settings, aiohttp_client: Callable[..., Awaitable[TestClient]]) -> MakeClient:
     """Builds the real application, optionally with some settings changed. The first listens on the
     settings' port; further ones (other gateways on the same database) on ports of their own."""
     ports = iter([settings.port])
 
     async def make(**changes: object) -> TestClient:
-        port = next(ports, None) or unused_tcp_port_factory()
+        port = next(ports, None) or free_port()
         changes.setdefault("public_url", f"http://sandbox.localhost:{port}")
         app = create_app(replace(settings, port=port, **changes))  # type: ignore[arg-type]
         return await aiohttp_client(app, server_kwargs={"port": port})

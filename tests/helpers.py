@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
+import socket
 from collections.abc import Awaitable, Callable
 
 import aiodocker
@@ -51,3 +53,19 @@ async def docker_shell_ok(docker: aiodocker.Docker, container_id: str, command: 
         while await stream.read_out() is not None:
             pass
     return (await execution.inspect())["ExitCode"] == 0
+
+
+def free_port() -> int:
+    """A port that is free now, below the ephemeral range (32768 and up) where the kernel and Docker
+    pick ports for outgoing connections and published container ports, so neither takes it from us
+    between now and the moment the gateway binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 30000")

@@ -16,6 +16,7 @@ from gateway.keys import ACTIVITY, DB, SANDBOXES
 from gateway.reaper import reap_once
 from gateway.settings import Settings
 
+from .conftest import PostgresCluster
 from .helpers import MakeClient, auth, poll, running_container_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
@@ -176,3 +177,28 @@ async def test_memory_limit_kills_a_hog_with_137(client: TestClient) -> None:
     assert result["exit_code"] == 137
     # The sandbox itself lives on.
     assert (await bash(client, "echo alive"))["stdout"] == "alive\n"
+
+
+async def test_postgres_restart_is_survived_without_a_gateway_restart(
+    client: TestClient, postgres_cluster: PostgresCluster
+) -> None:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    await asyncio.to_thread(postgres_cluster.stop)
+    try:
+        down = await client.get("/api/sandbox", headers=auth("alice"))
+        assert down.status == 503
+        assert (await down.json())["error"]["code"] == "database_unavailable"
+        health = await client.get("/healthz")
+        assert (await health.json())["database"] is False
+    finally:
+        await asyncio.to_thread(postgres_cluster.start)
+
+    async def recovered() -> bool:
+        return (await client.get("/api/sandbox", headers=auth("alice"))).status == 200
+
+    await poll(recovered)
+    # No session lost or duplicated: the same sandbox, still running, still usable.
+    assert await state_of(client) == ("running", None)
+    assert (await bash(client, "echo back"))["stdout"] == "back\n"
+    async with client.app[DB].acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM sessions") == 1

@@ -279,10 +279,10 @@ def rss_bytes(pid: int) -> int:
 
 
 @pytest.fixture
-async def gateway_process(settings: Settings, unused_tcp_port: int) -> AsyncIterator[tuple[str, int]]:
+async def gateway_process(settings: Settings) -> AsyncIterator[tuple[str, int]]:
     env = {
         **os.environ,
-        "GATEWAY_PORT": str(unused_tcp_port),
+        "GATEWAY_PORT": str(settings.port),
         "GATEWAY_JWT_SECRET": settings.jwt_key,
         "DATABASE_URL": settings.database_url,
         "GATEWAY_NAME": settings.gateway_name,
@@ -291,7 +291,7 @@ async def gateway_process(settings: Settings, unused_tcp_port: int) -> AsyncIter
         "GATEWAY_LOG_LEVEL": "WARNING",
     }
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", env=env)
-    url = f"http://127.0.0.1:{unused_tcp_port}"
+    url = f"http://127.0.0.1:{settings.port}"
     try:
         async with aiohttp.ClientSession() as session:
 
