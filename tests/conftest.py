@@ -155,8 +155,12 @@ def gateway_name() -> str:
 
 @pytest.fixture
 async def settings(database_url: str, docker: aiodocker.Docker, gateway_name: str) -> AsyncIterator[Settings]:
-    """Settings for one test's gateway: its own database, container names and network, all removed after."""
+    """Settings for one test's gateway: its own database, port, container names and network, all
+    removed after. The page's origin is sandbox.localhost, previews' preview.sandbox.localhost."""
+    port = free_port()
     yield Settings(
+        port=port,
+        public_url=f"http://sandbox.localhost:{port}",
         jwt_key=JWT_SECRET,
         database_url=database_url,
         gateway_name=gateway_name,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -202,3 +205,78 @@ async def test_postgres_restart_is_survived_without_a_gateway_restart(
     assert (await bash(client, "echo back"))["stdout"] == "back\n"
     async with client.app[DB].acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM sessions") == 1
+
+
+class DockerSocketSwitch:
+    """A unix socket in front of the real Docker socket that a test can take down and bring back."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    async def up(self) -> None:
+        self._server = await asyncio.start_unix_server(self._forward, path=self.path)
+
+    async def down(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        # Connections the client keeps alive go down with the engine, as with a real outage.
+        for writer in list(self._open):
+            writer.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _forward(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        engine_reader, engine_writer = await asyncio.open_unix_connection("/var/run/docker.sock")
+        self._open.update((client_writer, engine_writer))
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+            self._open.discard(writer)
+
+        await asyncio.gather(pipe(client_reader, engine_writer), pipe(engine_reader, client_writer))
+
+
+@pytest.fixture
+async def switch(tmp_path: Path) -> AsyncIterator[DockerSocketSwitch]:
+    switch = DockerSocketSwitch(str(tmp_path / "docker.sock"))
+    await switch.up()
+    try:
+        yield switch
+    finally:
+        await switch.down()
+
+
+# `switch` before `make_client`: the gateway goes away before its engine's socket does.
+async def test_docker_outage_is_503_and_recovers_by_itself(
+    switch: DockerSocketSwitch, make_client: MakeClient
+) -> None:
+    client = await make_client(docker_host=f"unix://{switch.path}")
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201, client.port
+    await switch.down()
+    try:
+        refused = await client.post("/api/sandbox", headers=auth("bob"))
+        assert refused.status == 503
+        assert (await refused.json())["error"]["code"] == "docker_unavailable"
+        run = await client.post(
+            "/api/sandbox/exec", headers=auth("alice"), json={"language": "bash", "code": "true"}
+        )
+        assert run.status == 503
+        # What does not need the engine still works.
+        assert (await client.get("/api/openapi.json")).status == 200
+    finally:
+        await switch.up()
+
+    async def recovered() -> bool:
+        return (await client.post("/api/sandbox", headers=auth("bob"))).status == 201
+
+    await poll(recovered)
+    assert (await bash(client, "echo engine-back"))["stdout"] == "engine-back\n"
