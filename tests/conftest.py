@@ -30,6 +30,11 @@ from .helpers import JWT_SECRET, MakeClient, free_port
 SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart shared infrastructure run last, so that nothing else runs through it."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
 def _postgres_bin() -> Path:
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not candidates:
