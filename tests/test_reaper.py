@@ -20,7 +20,7 @@ from gateway.reaper import reap_once
 from gateway.settings import Settings
 
 from .conftest import PostgresCluster
-from .helpers import MakeClient, auth, poll, running_container_id
+from .helpers import MakeClient, auth, docker_shell_ok, poll, running_container_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -280,3 +280,24 @@ async def test_docker_outage_is_503_and_recovers_by_itself(
 
     await poll(recovered)
     assert (await bash(client, "echo engine-back"))["stdout"] == "engine-back\n"
+
+
+async def test_shutdown_lets_in_flight_runs_finish_and_leaves_sandboxes_running(
+    client: TestClient, docker: aiodocker.Docker
+) -> None:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    container_id = await running_container_id(client, "alice")
+    run = asyncio.ensure_future(
+        client.post(
+            "/api/sandbox/exec",
+            headers=auth("alice"),
+            json={"language": "bash", "code": "sleep 1.5; echo finished"},
+        )
+    )
+    # Shut down once the run is under way: the server stops taking requests but lets it finish.
+    await poll(lambda: docker_shell_ok(docker, container_id, ["pgrep", "-f", "sleep 1.5"]))
+    await client.server.close()
+    response = await run
+    assert response.status == 200
+    assert (await response.json())["stdout"] == "finished\n"
+    assert (await docker.containers.container(container_id).show())["State"]["Running"]
