@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from contextlib import suppress
 
 import aiohttp
-from aiohttp import WSMsgType, hdrs, web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from yarl import URL
@@ -37,6 +37,10 @@ HOP_BY_HOP = frozenset(
 # A dev server must not widen a service worker's scope beyond its own preview.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"service-worker-allowed"}
 UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
+UPSTREAM_CONNECT_S = 10.0
+UPGRADE_HEAD_LIMIT = 64 * 1024
+SPLICE_CHUNK = 256 * 1024
+SPLICE_HIGH_WATER = 256 * 1024
 
 
 def upstream_session() -> aiohttp.ClientSession:
@@ -162,65 +166,130 @@ def _rewrite_location(location: str, prefix: str) -> str:
 
 
 async def _proxy_websocket(request: web.Request, target: URL, prefix: str) -> web.StreamResponse:
+    """Relays the upgrade to the dev server, and after its 101 splices the two connections byte for
+    byte. No frame is parsed: the dev server and the browser speak WebSocket (subprotocol, pings,
+    compression, close codes) to each other, and the gateway only copies, as fast proxies do."""
     settings = request.app[SETTINGS]
     origin = request.headers.get(hdrs.ORIGIN)
     if origin is not None and origin not in (settings.preview_origin, *settings.allowed_origins):
         return _error(request, Forbidden(f"WebSocket connections from origin {origin} are not allowed"))
-    protocols = [
-        p.strip() for p in request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",") if p.strip()
-    ]
-    headers = _request_headers(request)
     try:
-        upstream = await request.app[UPSTREAM].ws_connect(
-            target.with_scheme("ws"),
-            protocols=protocols,
-            headers=headers,
-            origin=origin,
-            autoping=False,
-            max_msg_size=0,
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(target.host, target.port, limit=UPGRADE_HEAD_LIMIT), UPSTREAM_CONNECT_S
         )
-    except aiohttp.WSServerHandshakeError as err:
-        # The dev server refused (wrong path, bad token, no such subprotocol): pass its status on.
-        return web.Response(status=err.status, text=f"the dev server refused the WebSocket ({err.status})")
-    except (aiohttp.ClientError, TimeoutError):
+    except (OSError, TimeoutError):
         return _not_listening(request)
-    async with upstream:
-        ws = web.WebSocketResponse(
-            protocols=[upstream.protocol] if upstream.protocol else (), autoping=False, max_msg_size=0
-        )
-        await ws.prepare(request)
-        await _relay_frames(ws, upstream)
-    return ws
-
-
-async def _relay_frames(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
-    async def pump(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                   sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:  # fmt: skip
-        # The other side may go away at any moment; that ends the relay, it is not an error.
-        with suppress(ConnectionResetError):
-            await _copy(source, sink)
-        await sink.close(code=source.close_code or 1000)
-
-    async def _copy(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                    sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:  # fmt: skip
-        async for message in source:
-            if message.type == WSMsgType.TEXT:
-                await sink.send_str(message.data)
-            elif message.type == WSMsgType.BINARY:
-                await sink.send_bytes(message.data)
-            elif message.type == WSMsgType.PING:
-                await sink.ping(message.data)
-            elif message.type == WSMsgType.PONG:
-                await sink.pong(message.data)
-
-    tasks = [asyncio.ensure_future(pump(client, upstream)), asyncio.ensure_future(pump(upstream, client))]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        writer.write(_upgrade_request(request, target))
+        try:
+            status, headers = await asyncio.wait_for(_read_head(reader), UPSTREAM_CONNECT_S)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            return _not_listening(request)
+        if status != 101:
+            # The dev server refused (wrong path, bad token, no such subprotocol): pass its status on.
+            return web.Response(status=status, text=f"the dev server refused the WebSocket ({status})")
+        response = web.StreamResponse(status=101, headers=_upgrade_response_headers(headers))
+        response.force_close()
+        await response.prepare(request)
+        await _splice(request, response, reader, writer)
+        return response
     finally:
-        for task in tasks:
+        writer.close()
+
+
+def _upgrade_request(request: web.Request, target: URL) -> bytes:
+    headers = _request_headers(request)
+    headers[hdrs.UPGRADE] = "websocket"
+    headers[hdrs.CONNECTION] = "Upgrade"
+    for name in (
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Sec-WebSocket-Protocol",
+        "Sec-WebSocket-Extensions",
+    ):
+        if name in request.headers:
+            headers[name] = request.headers[name]
+    lines = [f"GET {target.raw_path_qs} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
+    # aiohttp refused CR and LF in the incoming headers, so none reaches this request.
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[str, str]]]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *header_lines = head.split("\r\n")
+    status = int(status_line.split(" ", 2)[1])
+    headers = [tuple(part.strip() for part in line.split(":", 1)) for line in header_lines if ":" in line]
+    return status, headers  # type: ignore[return-value]
+
+
+def _upgrade_response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
+    kept: CIMultiDict[str] = CIMultiDict({hdrs.UPGRADE: "websocket", hdrs.CONNECTION: "Upgrade"})
+    for name, value in headers:
+        if name.lower() in ("sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions"):
+            kept.add(name, value)
+    return kept
+
+
+class _ClientToUpstream:
+    """Takes the client connection's bytes in place of aiohttp's parser and writes them upstream,
+    pausing the client while the upstream socket is backed up."""
+
+    def __init__(self, request: web.Request, writer: asyncio.StreamWriter) -> None:
+        self._client = request.transport
+        self._writer = writer
+        self._draining: asyncio.Task[None] | None = None
+        self.closed = asyncio.Event()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._writer.is_closing():
+            return False, b""
+        self._writer.write(data)
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() > SPLICE_HIGH_WATER and self._draining is None and self._client:
+            self._client.pause_reading()
+            self._draining = asyncio.ensure_future(self._drain())
+        return False, b""
+
+    async def _drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self._draining = None
+            if self._client and not self._client.is_closing():
+                self._client.resume_reading()
+
+    def feed_eof(self) -> None:
+        self.closed.set()
+        if not self._writer.is_closing() and self._writer.can_write_eof():
+            self._writer.write_eof()
+
+
+async def _splice(
+    request: web.Request,
+    response: web.StreamResponse,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    inbound = _ClientToUpstream(request, writer)
+    # Public since aiohttp 3.x for exactly this: WebSocketResponse hands the connection over the same way.
+    request.protocol.set_parser(inbound)  # type: ignore[arg-type]
+
+    async def outbound() -> None:
+        with suppress(ConnectionError):
+            while data := await reader.read(SPLICE_CHUNK):
+                # Awaiting the write is the backpressure toward a slow browser.
+                await response.write(data)
+
+    copying = asyncio.ensure_future(outbound())
+    closing = asyncio.ensure_future(inbound.closed.wait())
+    try:
+        await asyncio.wait({copying, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (copying, closing):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(client.close(), upstream.close(), return_exceptions=True)
+        await asyncio.gather(copying, closing, return_exceptions=True)
 
 
 def _wants_html(request: web.Request) -> bool:
