@@ -22,9 +22,9 @@ import aiodocker
 import aiohttp
 import asyncpg
 
-from gateway.auth import mint_token
 from gateway.containers import LABEL_GATEWAY
 from gateway.settings import Settings
+from gateway.tokens import mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
 

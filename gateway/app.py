@@ -14,7 +14,18 @@ from .activity import ActivityRecorder
 from .auth import auth_middleware
 from .errors import GatewayError
 from .execute import ExecRunner
-from .keys import ACTIVITY, DB, DOCKER, EXEC_RUNNER, PREVIEW_KEY, SANDBOXES, SETTINGS, TERMINALS, UPSTREAM
+from .keys import (
+    ACTIVITY,
+    DB,
+    DOCKER,
+    EXEC_RUNNER,
+    PREVIEW_KEY,
+    SANDBOXES,
+    SETTINGS,
+    TERMINALS,
+    TOKENS,
+    UPSTREAM,
+)
 from .middlewares import error_middleware
 from .preview import preview_host_middleware, upstream_session
 from .reaper import reaper_ctx
@@ -22,6 +33,7 @@ from .routes import setup_routes
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .terminal import close_terminals_on_shutdown
+from .tokens import TokenVerifier
 from .websockets import SocketRegistry
 
 log = logging.getLogger(__name__)
@@ -42,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=client_max_size,
     )
     app[SETTINGS] = settings
+    app[TOKENS] = TokenVerifier(settings)
     # Cleanup contexts unwind in reverse: the services go before the clients they use.
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(docker_ctx)

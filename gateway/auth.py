@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import re
-import time
-
-import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .errors import Forbidden, Unauthorized
-from .keys import PUBLIC_ROUTES, SETTINGS, USER
+from .keys import PUBLIC_ROUTES, TOKENS, USER
 from .settings import Settings
 
-# The user name appears in container names and URLs (/preview/<user>/), so it is kept to this.
-USER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-LEEWAY_S = 5
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
-
-
-def verify_token(token: str, settings: Settings) -> str:
-    """The token's user (`sub`); Unauthorized for anything short of a valid, unexpired token."""
-    try:
-        claims = jwt.decode(
-            token,
-            settings.jwt_key,
-            # Pinned: the token's own header never chooses the algorithm.
-            algorithms=[settings.jwt_algorithm],
-            options={"require": ["exp", "sub"]},
-            leeway=LEEWAY_S,
-        )
-    except jwt.ExpiredSignatureError:
-        raise Unauthorized("the token has expired") from None
-    except jwt.InvalidTokenError:
-        raise Unauthorized("the token is not valid") from None
-    user = claims["sub"]
-    if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
-        raise Unauthorized("the token's subject is not a valid user name")
-    return user
 
 
 def bearer_token(request: web.Request) -> str:
@@ -67,19 +39,10 @@ def check_origin(request: web.Request, settings: Settings) -> None:
         raise Forbidden(f"WebSocket connections from origin {origin} are not allowed")
 
 
-def mint_token(user: str, settings: Settings, lifetime_s: int) -> str:
-    """A token for `user`, for local development and tests only: production tokens come from the
-    operator's identity provider."""
-    now = int(time.time())
-    return jwt.encode(
-        {"sub": user, "iat": now, "exp": now + lifetime_s}, settings.jwt_key, algorithm=settings.jwt_algorithm
-    )
-
-
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authenticates every route that is not listed as public; unknown paths fall through to 404."""
     match_info = request.match_info
     if match_info.http_exception is None and match_info.route not in request.app[PUBLIC_ROUTES]:
-        request[USER] = verify_token(bearer_token(request), request.app[SETTINGS])
+        request[USER] = request.app[TOKENS].verify(bearer_token(request))
     return await handler(request)

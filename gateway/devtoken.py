@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .auth import USER_PATTERN, mint_token
 from .settings import SYMMETRIC_ALGORITHMS, Settings
+from .tokens import USER_PATTERN, mint_token
 
 
 def main(argv: list[str]) -> None:

@@ -11,6 +11,7 @@ from .activity import ActivityRecorder
 from .execute import ExecRunner
 from .sandboxes import Sandboxes
 from .settings import Settings
+from .tokens import TokenVerifier
 from .websockets import SocketRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -27,6 +28,8 @@ UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
 # Routes reachable without a token; everything else is authenticated.
 PUBLIC_ROUTES = web.AppKey("public_routes", frozenset)
+
+TOKENS = web.AppKey("tokens", TokenVerifier)
 
 # The authenticated user (the token's `sub`), set by the auth middleware.
 USER = web.RequestKey("user", str)

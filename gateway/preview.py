@@ -21,10 +21,10 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 from yarl import URL
 
-from .auth import USER_PATTERN
 from .errors import Forbidden, GatewayError, InvalidRequest
 from .keys import ACTIVITY, PREVIEW_KEY, SANDBOXES, SETTINGS, UPSTREAM
 from .preview_auth import LOGIN_PATH, authorize_viewer, rewrite_set_cookie, strip_preview_cookie
+from .tokens import USER_PATTERN
 
 log = logging.getLogger(__name__)
 

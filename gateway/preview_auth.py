@@ -18,10 +18,11 @@ from urllib.parse import urlencode
 import jwt
 from aiohttp import web
 
-from .auth import USER_PATTERN, bearer_token, verify_token
+from .auth import bearer_token
 from .errors import Forbidden, InvalidRequest, Unauthorized
-from .keys import PREVIEW_KEY, SANDBOXES, SETTINGS, USER
+from .keys import PREVIEW_KEY, SANDBOXES, SETTINGS, TOKENS, USER
 from .settings import Settings
+from .tokens import USER_PATTERN
 
 COOKIE = "sandbox_preview"
 LOGIN_PATH = "/_preview/login"
@@ -93,7 +94,7 @@ def authorize_viewer(request: web.Request, owner: str, settings: Settings, key: 
     """Lets the request through only if it comes from the preview's owner."""
     viewer: str | None
     if "Authorization" in request.headers:
-        viewer = verify_token(bearer_token(request), settings)
+        viewer = request.app[TOKENS].verify(bearer_token(request))
     else:
         cookie = _preview_cookie(request)
         viewer = _verified_user(cookie, SESSION_AUDIENCE, key) if cookie else None

@@ -12,9 +12,9 @@ import aiodocker
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import mint_token
 from gateway.keys import DB
 from gateway.settings import Settings
+from gateway.tokens import mint_token
 
 JWT_SECRET = secrets.token_urlsafe(48)
 

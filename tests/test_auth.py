@@ -11,9 +11,9 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import verify_token
 from gateway.errors import Unauthorized
 from gateway.settings import Settings, SettingsError
+from gateway.tokens import TokenVerifier, verify_token
 
 from .helpers import JWT_SECRET, auth
 
@@ -105,3 +105,17 @@ async def test_expired_token_says_so(client: TestClient) -> None:
     response = await client.get("/api/sandbox", headers=auth("alice", lifetime_s=-60))
     assert response.status == 401
     assert "expired" in (await response.json())["error"]["message"]
+
+
+def test_verifier_remembers_only_what_passed() -> None:
+    verifier = TokenVerifier(SETTINGS, size=2)
+    good = token(valid_claims())
+    assert verifier.verify(good) == "alice"
+    assert verifier.verify(good) == "alice"
+    # Same claims, another key: a different token, checked in full and refused.
+    with pytest.raises(Unauthorized):
+        verifier.verify(token(valid_claims(), key="another-secret-that-is-long-enough-32"))
+    # Past its size the oldest is forgotten, and verified again when it comes back.
+    for user in ("bob", "carol", "dave"):
+        assert verifier.verify(token(valid_claims(sub=user))) == user
+    assert verifier.verify(good) == "alice"

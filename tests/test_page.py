@@ -9,8 +9,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Page, expect
 
-from gateway.auth import mint_token
 from gateway.settings import Settings
+from gateway.tokens import mint_token
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres, pytest.mark.browser]
 

@@ -12,8 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Frame, Page, expect
 
-from gateway.auth import mint_token
 from gateway.settings import Settings
+from gateway.tokens import mint_token
 
 from .helpers import auth, poll
 

@@ -15,9 +15,9 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
-from gateway.auth import mint_token
 from gateway.keys import DB
 from gateway.settings import Settings
+from gateway.tokens import mint_token
 
 from .helpers import MakeClient, auth, docker_shell_ok, poll, running_container_id
 
