@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
@@ -22,7 +21,7 @@ import aiodocker
 import aiohttp
 import asyncpg
 
-from gateway.containers import LABEL_GATEWAY
+from gateway.containers import remove_deployment
 from gateway.settings import Settings
 from gateway.tokens import mint_token
 
@@ -117,15 +116,8 @@ async def _wait_healthy(url: str, timeout_s: float = 30.0) -> None:
 
 
 async def remove_containers(gateway_name: str) -> None:
-    label = {"label": [f"{LABEL_GATEWAY}={gateway_name}"]}
     async with aiodocker.Docker() as docker:
-        for container in await docker.containers.list(all="1", filters=json.dumps(label)):
-            await container.delete(force=True)
-        volumes = await docker.volumes.list(filters=label)
-        for volume in volumes.get("Volumes") or []:
-            await (await docker.volumes.get(volume["Name"])).delete()
-        for network in await docker.networks.list(filters=label):
-            await (await docker.networks.get(network["Id"])).delete()
+        await remove_deployment(docker, gateway_name)
 
 
 def summary(samples: Sequence[float]) -> tuple[float, float]:

@@ -241,3 +241,16 @@ async def remove_container(docker: aiodocker.Docker, container_id: str) -> None:
 async def ping(docker: aiodocker.Docker) -> None:
     with docker_errors("asking the engine for its version"):
         await docker.version()
+
+
+async def remove_deployment(docker: aiodocker.Docker, gateway_name: str) -> None:
+    """Removes every container, workspace volume and network labelled with this deployment's name:
+    what the tests and benchmarks leave, or an operator's uninstall. Workspaces go too."""
+    label = {"label": [f"{LABEL_GATEWAY}={gateway_name}"]}
+    for container in await docker.containers.list(all="1", filters=json.dumps(label)):
+        await container.delete(force=True)
+    volumes = await docker.volumes.list(filters=label)  # type: ignore[no-untyped-call]
+    for volume in volumes.get("Volumes") or []:
+        await (await docker.volumes.get(volume["Name"])).delete()  # type: ignore[no-untyped-call]
+    for network in await docker.networks.list(filters=label):
+        await (await docker.networks.get(network["Id"])).delete()

@@ -5,7 +5,6 @@ what to install; nothing here skips."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -22,7 +21,7 @@ from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.app import create_app
-from gateway.containers import LABEL_GATEWAY
+from gateway.containers import remove_deployment
 from gateway.settings import ExecSettings, SandboxLimits, Settings
 
 from .helpers import JWT_SECRET, MakeClient, free_port
@@ -174,18 +173,7 @@ async def settings(database_url: str, docker: aiodocker.Docker, gateway_name: st
         limits=SandboxLimits(memory_mb=256, cpus=1.0, pids=128),
         exec=ExecSettings(),
     )
-    await remove_gateway_objects(docker, gateway_name)
-
-
-async def remove_gateway_objects(docker: aiodocker.Docker, gateway_name: str) -> None:
-    label = {"label": [f"{LABEL_GATEWAY}={gateway_name}"]}
-    for container in await docker.containers.list(all="1", filters=json.dumps(label)):
-        await container.delete(force=True)
-    volumes = await docker.volumes.list(filters=label)
-    for volume in volumes.get("Volumes") or []:
-        await (await docker.volumes.get(volume["Name"])).delete()
-    for network in await docker.networks.list(filters=label):
-        await (await docker.networks.get(network["Id"])).delete()
+    await remove_deployment(docker, gateway_name)
 
 
 @pytest.fixture
