@@ -301,3 +301,22 @@ async def test_shutdown_lets_in_flight_runs_finish_and_leaves_sandboxes_running(
     assert response.status == 200
     assert (await response.json())["stdout"] == "finished\n"
     assert (await docker.containers.container(container_id).show())["State"]["Running"]
+
+
+async def test_sandbox_that_ran_out_of_memory_says_so(client: TestClient, docker: aiodocker.Docker) -> None:
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    hog = "const keep = []; for (;;) keep.push(Buffer.alloc(16 * 1024 * 1024, 1));"
+    response = await client.post(
+        "/api/sandbox/exec",
+        headers=auth("alice"),
+        json={"language": "node", "code": hog, "timeout_ms": 30_000},
+    )
+    assert (await response.json())["exit_code"] == 137
+    # The container then dies (here: killed from outside); Docker remembers the OOM, and so do we.
+    await docker.containers.container(await running_container_id(client, "alice")).kill(signal="SIGKILL")
+
+    async def shows_oom() -> bool:
+        return await state_of(client) == ("stopped", "oom_killed")
+
+    await poll(shows_oom)
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
