@@ -99,11 +99,15 @@ async def _proxy_http(request: web.Request, target: URL, prefix: str) -> web.Str
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(_response_headers(upstream.headers.items(), prefix, request))
         await response.prepare(request)
-        if request.method != "HEAD":
-            # Streamed as it comes: a 50 MB download or an event stream never sits in memory.
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-        await response.write_eof()
+        try:
+            if request.method != "HEAD":
+                # Streamed as it comes: a 50 MB download or an event stream never sits in memory.
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            await response.write_eof()
+        except (aiohttp.ClientError, ConnectionResetError) as err:
+            # Either side went away mid-body; the status is sent, so all that is left is to stop.
+            log.info("preview body to %s cut short: %r", request.remote, err)
     return response
 
 
