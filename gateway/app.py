@@ -27,13 +27,14 @@ from .keys import (
     UPSTREAM,
 )
 from .middlewares import error_middleware
-from .preview import preview_host_middleware, upstream_session
+from .preview import preview_host_middleware
 from .reaper import reaper_ctx
 from .routes import setup_routes
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .terminal import close_terminals_on_shutdown
 from .tokens import TokenVerifier
+from .upstream import UpstreamPool
 from .websockets import SocketRegistry
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,12 @@ async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    session = upstream_session()
+    pool = UpstreamPool()
     try:
-        app[UPSTREAM] = session
+        app[UPSTREAM] = pool
         yield
     finally:
-        await session.close()
+        pool.close()
 
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:

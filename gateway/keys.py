@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import aiodocker
-import aiohttp
 import asyncpg
 from aiohttp import web
 
@@ -12,6 +11,7 @@ from .execute import ExecRunner
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .tokens import TokenVerifier
+from .upstream import UpstreamPool
 from .websockets import SocketRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,7 +24,7 @@ ACTIVITY = web.AppKey("activity", ActivityRecorder)
 # The key that signs preview sessions, from gateway_secrets.
 PREVIEW_KEY = web.AppKey("preview_key", bytes)
 # The one upstream session of the preview proxy: pooled keep-alive connections to the sandboxes.
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", UpstreamPool)
 OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
 # Routes reachable without a token; everything else is authenticated.
 PUBLIC_ROUTES = web.AppKey("public_routes", frozenset)

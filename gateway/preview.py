@@ -15,7 +15,6 @@ import logging
 from collections.abc import Iterable
 from contextlib import suppress
 
-import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
@@ -25,6 +24,7 @@ from .errors import Forbidden, GatewayError, InvalidRequest
 from .keys import ACTIVITY, PREVIEW_KEY, SANDBOXES, SETTINGS, UPSTREAM
 from .preview_auth import LOGIN_PATH, authorize_viewer, rewrite_set_cookie, strip_preview_cookie
 from .tokens import USER_PATTERN
+from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +36,10 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # A dev server must not widen a service worker's scope beyond its own preview.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"service-worker-allowed"}
-UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
 UPSTREAM_CONNECT_S = 10.0
 UPGRADE_HEAD_LIMIT = 64 * 1024
 SPLICE_CHUNK = 256 * 1024
 SPLICE_HIGH_WATER = 256 * 1024
-
-
-def upstream_session() -> aiohttp.ClientSession:
-    """One session for every preview: pooled keep-alive connections, bodies passed through as they are."""
-    return aiohttp.ClientSession(
-        timeout=UPSTREAM_TIMEOUT,
-        auto_decompress=False,
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30),
-        # Only what the browser sent goes upstream.
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
 
 
 async def preview_redirect_slash(request: web.Request) -> web.StreamResponse:
@@ -87,27 +74,32 @@ async def preview(request: web.Request) -> web.StreamResponse:
 
 async def _proxy_http(request: web.Request, target: URL, prefix: str) -> web.StreamResponse:
     headers = _request_headers(request)
-    body = request.content if request.body_exists else None
+    chunked = request.body_exists and hdrs.CONTENT_LENGTH not in request.headers
+    if chunked:
+        headers[hdrs.TRANSFER_ENCODING] = "chunked"
+    lines = [f"{request.method} {target.raw_path_qs} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
+    # aiohttp refused CR and LF in the incoming request, so none reaches this head.
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    body = request.content.iter_any() if request.body_exists else None
+    assert target.port is not None
     try:
         upstream = await request.app[UPSTREAM].request(
-            request.method, target, headers=headers, data=body, allow_redirects=False
+            target.port, head, body, chunked=chunked, method=request.method
         )
-    except (aiohttp.ClientError, TimeoutError) as err:
-        log.info("preview upstream %s failed: %r", target.port, err)
+    except UpstreamError as err:
+        log.info("preview upstream %s failed: %s", target.port, err)
         return _not_listening(request)
-    async with upstream:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(_response_headers(upstream.headers.items(), prefix, request))
-        await response.prepare(request)
-        try:
-            if request.method != "HEAD":
-                # Streamed as it comes: a 50 MB download or an event stream never sits in memory.
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            await response.write_eof()
-        except (aiohttp.ClientError, ConnectionResetError) as err:
-            # Either side went away mid-body; the status is sent, so all that is left is to stop.
-            log.info("preview body to %s cut short: %r", request.remote, err)
+    response = web.StreamResponse(status=upstream.status)
+    response.headers.extend(_response_headers(upstream.headers, prefix, request))
+    await response.prepare(request)
+    try:
+        # Streamed as it comes: a 50 MB download or an event stream never sits in memory.
+        async for chunk in upstream.body():
+            await response.write(chunk)
+        await response.write_eof()
+    except (UpstreamError, ConnectionResetError) as err:
+        # Either side went away mid-body; the status is sent, so all that is left is to stop.
+        log.info("preview body to %s cut short: %r", request.remote, err)
     return response
 
 

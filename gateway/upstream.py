@@ -1,0 +1,212 @@
+"""A lean HTTP/1.1 client for the preview proxy: pooled keep-alive connections to the sandboxes'
+published ports, bytes in and out with httptools parsing the responses.
+
+aiohttp's client spends more per request than the whole rest of the proxy (py-spy), for features a
+proxy to a known loopback port does not use: cookies, redirects, tracing, URL building, decompression.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+
+import httptools
+
+# Node's http server closes idle keep-alive connections after 5 s; ours are dropped before that, so a
+# request never lands on a connection the server is closing.
+IDLE_TIMEOUT_S = 4.0
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+MAX_IDLE_PER_PORT = 32
+
+
+class UpstreamError(Exception):
+    """The upstream refused, dropped or garbled the exchange before a response head arrived."""
+
+
+class Response:
+    def __init__(
+        self, status: int, reason: str, headers: list[tuple[str, str]], connection: _Connection
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self._connection = connection
+
+    def body(self) -> AsyncIterator[bytes]:
+        return self._connection.body()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: UpstreamPool, port: int) -> None:
+        self._pool = pool
+        self.port = port
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: asyncio.Future[Response] | None = None
+        self._headers: list[tuple[str, str]] = []
+        self._header_name = b""
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = False
+        self._failed: BaseException | None = None
+        self._readable = asyncio.Event()
+        self._skip_body = False
+        self._keep_alive = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.idle_since = time.monotonic()
+        self.closed = False
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._complete:
+            # Bytes after a complete response with no request in flight: the connection is unusable.
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as err:
+            self._fail(UpstreamError(f"malformed response: {err}"))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._writable.set()
+        if not self._complete:
+            self._fail(UpstreamError("the upstream closed the connection"))
+
+    # -- httptools callbacks --
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        # Asked now: once the message is complete, llhttp has reset and answers False.
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._head is not None and not self._head.done():
+            self._head.set_result(Response(status, "", self._headers, self))
+        if self._skip_body:
+            # A response to HEAD announces a length it does not send; the parser cannot know that.
+            self.on_message_complete()
+            self.close()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        self._readable.set()
+        if self._buffered > HIGH_WATER and self._transport is not None:
+            self._transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        self._readable.set()
+
+    # -- use --
+    def _fail(self, err: BaseException) -> None:
+        self._failed = err
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(err)
+        self._readable.set()
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    async def exchange(
+        self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool, method: str
+    ) -> Response:
+        assert self._transport is not None
+        loop = asyncio.get_running_loop()
+        self._head = loop.create_future()
+        self._skip_body = method == "HEAD"
+        self._transport.write(head)
+        if body is not None:
+            async for chunk in body:
+                if self.closed:
+                    break
+                self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                # The upload goes only as fast as the dev server takes it.
+                await self._writable.wait()
+            if chunked and not self.closed:
+                self._transport.write(b"0\r\n\r\n")
+        return await self._head
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while True:
+            while self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered < LOW_WATER and self._transport is not None and not self.closed:
+                    self._transport.resume_reading()
+                yield chunk
+            if self._failed is not None:
+                raise self._failed
+            if self._complete:
+                self._finish()
+                return
+            self._readable.clear()
+            await self._readable.wait()
+
+    def _finish(self) -> None:
+        if self.closed or not self._keep_alive:
+            self.close()
+            return
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers, self._head, self._complete = [], None, False
+        self.idle_since = time.monotonic()
+        self._pool.release(self)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per port of 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self._idle: dict[int, list[_Connection]] = collections.defaultdict(list)
+
+    async def _connection(self, port: int) -> _Connection:
+        idle = self._idle[port]
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < IDLE_TIMEOUT_S:
+                return connection
+            connection.close()
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await loop.create_connection(lambda: _Connection(self, port), "127.0.0.1", port)
+        except OSError as err:
+            raise UpstreamError(f"cannot connect to 127.0.0.1:{port}: {err}") from err
+        return protocol
+
+    async def request(
+        self, port: int, head: bytes, body: AsyncIterable[bytes] | None, *, chunked: bool, method: str
+    ) -> Response:
+        connection = await self._connection(port)
+        return await connection.exchange(head, body, chunked, method)
+
+    def release(self, connection: _Connection) -> None:
+        idle = self._idle[connection.port]
+        if len(idle) < MAX_IDLE_PER_PORT:
+            idle.append(connection)
+        else:
+            connection.close()
+
+    def close(self) -> None:
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()

@@ -1,0 +1,96 @@
+"""The preview proxy's HTTP/1.1 client against a local aiohttp server: keep-alive reuse, HEAD,
+chunked request bodies, and failures. No Docker needed."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.upstream import UpstreamError, UpstreamPool
+
+from .helpers import free_port
+
+
+async def echo(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    if request.path == "/cut":
+        response = web.StreamResponse(headers={"Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b"partial")
+        assert request.transport is not None
+        request.transport.close()
+        return response
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return web.json_response(
+        {"method": request.method, "size": len(body), "chunked": request.headers.get("Transfer-Encoding"),
+         "peer": list(peer) if peer else None}
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TestServer]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = TestServer(app, port=free_port())
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def fetch(
+    pool: UpstreamPool, port: int, method: str, path: str, body: bytes | None = None
+) -> tuple[int, bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        assert body is not None
+        yield body[: len(body) // 2]
+        yield body[len(body) // 2 :]
+
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n"
+    head += "Transfer-Encoding: chunked\r\n\r\n" if body is not None else "\r\n"
+    response = await pool.request(
+        port, head.encode(), chunks() if body is not None else None, chunked=body is not None, method=method
+    )
+    received = b"".join([chunk async for chunk in response.body()])
+    return response.status, received
+
+
+async def test_connections_are_reused_and_bodies_arrive_whole(server: TestServer) -> None:
+    pool = UpstreamPool()
+    try:
+        peers = set()
+        for _ in range(5):
+            status, body = await fetch(pool, server.port, "GET", "/x")
+            assert status == 200
+            peers.add(tuple(json.loads(body)["peer"]))
+        # The server sees one client port: one keep-alive connection served all five.
+        assert len(peers) == 1
+        status, body = await fetch(pool, server.port, "POST", "/upload", b"a" * 300_000)
+        assert b'"size": 300000' in body
+        assert b'"chunked": "chunked"' in body
+        # HEAD: a length is announced, no body follows, and nothing hangs.
+        status, body = await fetch(pool, server.port, "HEAD", "/x")
+        assert (status, body) == (200, b"")
+        assert (await fetch(pool, server.port, "GET", "/x"))[0] == 200
+    finally:
+        pool.close()
+
+
+async def test_failures_are_upstream_errors(server: TestServer) -> None:
+    pool = UpstreamPool()
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            unused = sock.getsockname()[1]
+        with pytest.raises(UpstreamError):
+            await fetch(pool, unused, "GET", "/")
+        with pytest.raises(UpstreamError):
+            await fetch(pool, server.port, "GET", "/cut")
+    finally:
+        pool.close()
