@@ -14,6 +14,7 @@ import html
 import logging
 from collections.abc import Iterable
 from contextlib import suppress
+from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
@@ -66,22 +67,28 @@ async def preview(request: web.Request) -> web.StreamResponse:
     except GatewayError as err:
         return _error(request, err)
     await request.app[ACTIVITY].seen(user)
-    target = URL(f"http://127.0.0.1:{port}{request.rel_url.raw_path_qs}", encoded=True)
+    # The full raw path and query go upstream untouched: Vite strips its base itself.
+    target = Target(port=port, path=request.rel_url.raw_path_qs)
     if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
         return await _proxy_websocket(request, target, prefix)
     return await _proxy_http(request, target, prefix)
 
 
-async def _proxy_http(request: web.Request, target: URL, prefix: str) -> web.StreamResponse:
+@dataclass(frozen=True, slots=True)
+class Target:
+    port: int
+    path: str
+
+
+async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.StreamResponse:
     headers = _request_headers(request)
     chunked = request.body_exists and hdrs.CONTENT_LENGTH not in request.headers
     if chunked:
         headers[hdrs.TRANSFER_ENCODING] = "chunked"
-    lines = [f"{request.method} {target.raw_path_qs} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [f"{request.method} {target.path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
     # aiohttp refused CR and LF in the incoming request, so none reaches this head.
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
     body = request.content.iter_any() if request.body_exists else None
-    assert target.port is not None
     try:
         upstream = await request.app[UPSTREAM].request(
             target.port, head, body, chunked=chunked, method=request.method
@@ -161,7 +168,7 @@ def _rewrite_location(location: str, prefix: str) -> str:
     return location
 
 
-async def _proxy_websocket(request: web.Request, target: URL, prefix: str) -> web.StreamResponse:
+async def _proxy_websocket(request: web.Request, target: Target, prefix: str) -> web.StreamResponse:
     """Relays the upgrade to the dev server, and after its 101 splices the two connections byte for
     byte. No frame is parsed: the dev server and the browser speak WebSocket (subprotocol, pings,
     compression, close codes) to each other, and the gateway only copies, as fast proxies do."""
@@ -171,7 +178,7 @@ async def _proxy_websocket(request: web.Request, target: URL, prefix: str) -> we
         return _error(request, Forbidden(f"WebSocket connections from origin {origin} are not allowed"))
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(target.host, target.port, limit=UPGRADE_HEAD_LIMIT), UPSTREAM_CONNECT_S
+            asyncio.open_connection("127.0.0.1", target.port, limit=UPGRADE_HEAD_LIMIT), UPSTREAM_CONNECT_S
         )
     except (OSError, TimeoutError):
         return _not_listening(request)
@@ -193,7 +200,7 @@ async def _proxy_websocket(request: web.Request, target: URL, prefix: str) -> we
         writer.close()
 
 
-def _upgrade_request(request: web.Request, target: URL) -> bytes:
+def _upgrade_request(request: web.Request, target: Target) -> bytes:
     headers = _request_headers(request)
     headers[hdrs.UPGRADE] = "websocket"
     headers[hdrs.CONNECTION] = "Upgrade"
@@ -205,7 +212,7 @@ def _upgrade_request(request: web.Request, target: URL) -> bytes:
     ):
         if name in request.headers:
             headers[name] = request.headers[name]
-    lines = [f"GET {target.raw_path_qs} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
+    lines = [f"GET {target.path} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
     # aiohttp refused CR and LF in the incoming headers, so none reaches this request.
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
