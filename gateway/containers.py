@@ -168,17 +168,6 @@ def _published_port(info: dict[str, Any]) -> int:
     raise SandboxStartFailed(f"the sandbox container published no port for {PREVIEW_PORT}")
 
 
-async def is_running(docker: aiodocker.Docker, container_id: str) -> bool:
-    with docker_errors("inspecting the sandbox container"):
-        try:
-            info = await docker.containers.container(container_id).show()
-        except aiodocker.DockerError as err:
-            if err.status == 404:
-                return False
-            raise
-    return bool(info["State"]["Running"])
-
-
 @dataclass(frozen=True)
 class LabelledContainer:
     id: str

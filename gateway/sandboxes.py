@@ -47,7 +47,7 @@ class Sandboxes:
         async with db.connection(self._pool) as conn, db.user_lock(conn, user):
             session = await db.get_session(conn, user)
             if session and session.state == "running" and session.container_id:
-                if await containers.is_running(self._docker, session.container_id):
+                if await containers.death_reason(self._docker, session.container_id) is None:
                     return StartResult(session, created=False)
                 log.info("sandbox of %s is recorded as running but its container is not; restarting", user)
                 await containers.remove_container(self._docker, session.container_id)

@@ -39,6 +39,18 @@ async def state_of(client: TestClient, user: str = "alice") -> tuple[str, str | 
     return body["state"], body["stop_reason"]
 
 
+async def run_memory_hog(client: TestClient) -> dict[str, Any]:
+    """Runs, in alice's sandbox, a program that allocates until the memory limit stops it."""
+    hog = "const keep = []; for (;;) keep.push(Buffer.alloc(16 * 1024 * 1024, 1));"
+    response = await client.post(
+        "/api/sandbox/exec",
+        headers=auth("alice"),
+        json={"language": "node", "code": hog, "timeout_ms": 30_000},
+    )
+    result: dict[str, Any] = await response.json()
+    return result
+
+
 async def make_idle(client: TestClient, *users: str) -> None:
     async with client.app[DB].acquire() as conn:
         await conn.execute(
@@ -169,13 +181,7 @@ async def test_container_killed_from_outside_shows_why_and_recovers(
 
 async def test_memory_limit_kills_a_hog_with_137(client: TestClient) -> None:
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
-    hog = "const keep = []; for (;;) keep.push(Buffer.alloc(16 * 1024 * 1024, 1));"
-    response = await client.post(
-        "/api/sandbox/exec",
-        headers=auth("alice"),
-        json={"language": "node", "code": hog, "timeout_ms": 30_000},
-    )
-    result = await response.json()
+    result = await run_memory_hog(client)
     assert result["timed_out"] is False
     assert result["exit_code"] == 137
     # The sandbox itself lives on.
@@ -305,13 +311,7 @@ async def test_shutdown_lets_in_flight_runs_finish_and_leaves_sandboxes_running(
 
 async def test_sandbox_that_ran_out_of_memory_says_so(client: TestClient, docker: aiodocker.Docker) -> None:
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
-    hog = "const keep = []; for (;;) keep.push(Buffer.alloc(16 * 1024 * 1024, 1));"
-    response = await client.post(
-        "/api/sandbox/exec",
-        headers=auth("alice"),
-        json={"language": "node", "code": hog, "timeout_ms": 30_000},
-    )
-    assert (await response.json())["exit_code"] == 137
+    assert (await run_memory_hog(client))["exit_code"] == 137
     # The container then dies (here: killed from outside); Docker remembers the OOM, and so do we.
     await docker.containers.container(await running_container_id(client, "alice")).kill(signal="SIGKILL")
 
