@@ -11,6 +11,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import cast
 
 import httptools
 
@@ -62,8 +63,8 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not an isinstance check: uvloop's transports do not derive from asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._complete:
