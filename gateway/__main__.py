@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -10,18 +9,16 @@ from aiohttp import web
 
 from .access_log import AccessLogger
 from .app import create_app
+from .logs import configure_logging
 from .settings import Settings, SettingsError
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         settings = Settings.from_env()
     except SettingsError as err:
         sys.exit(f"configuration error: {err}")
+    configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), settings.log_format)
     web.run_app(
         create_app(settings),
         host=settings.host,

@@ -19,6 +19,7 @@ from .keys import (
     DB,
     DOCKER,
     EXEC_RUNNER,
+    METRICS,
     PREVIEW_KEY,
     SANDBOXES,
     SETTINGS,
@@ -26,6 +27,9 @@ from .keys import (
     TOKENS,
     UPSTREAM,
 )
+from .logs import add_request_id_header, request_id_middleware
+from .metrics import Metrics
+from .metrics_http import metrics_listener_ctx, metrics_middleware
 from .middlewares import error_middleware
 from .preview import preview_host_middleware
 from .reaper import reaper_ctx
@@ -48,16 +52,27 @@ CLIENT_MAX_SIZE_FLOOR = 1024 * 1024
 def create_app(settings: Settings) -> web.Application:
     limits = settings.exec
     client_max_size = max(CLIENT_MAX_SIZE_FLOOR, 2 * (limits.max_code_bytes + limits.max_stdin_bytes))
-    # Order: errors outermost, so that everything below becomes a JSON envelope; then the preview origin
-    # refuses what is not a preview before auth runs; auth last, next to the handlers.
+    # Order: the request id first, so that every log line below carries it; then metrics, which see
+    # every failure as the response the error middleware made of it; then errors, so that everything
+    # below becomes a JSON envelope; then the preview origin refuses what is not a preview before auth
+    # runs; auth last, next to the handlers.
     app = web.Application(
-        middlewares=[error_middleware, preview_host_middleware, auth_middleware],
+        middlewares=[
+            request_id_middleware,
+            metrics_middleware,
+            error_middleware,
+            preview_host_middleware,
+            auth_middleware,
+        ],
         client_max_size=client_max_size,
     )
+    app.on_response_prepare.append(add_request_id_header)
     app[SETTINGS] = settings
     app[TOKENS] = TokenVerifier(settings)
+    app[METRICS] = Metrics()
     # Cleanup contexts unwind in reverse: the services go before the clients they use.
     app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(metrics_listener_ctx)
     app.cleanup_ctx.append(docker_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(services_ctx)
@@ -105,6 +120,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER])
     app[EXEC_RUNNER] = ExecRunner(app[DOCKER], settings.exec)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
+    app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)
     try:
         await app[SANDBOXES].reconcile()

@@ -6,7 +6,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .errors import Forbidden, Unauthorized
-from .keys import PUBLIC_ROUTES, TOKENS, USER
+from .keys import IS_ADMIN, PUBLIC_ROUTES, TOKENS, USER
 from .settings import Settings
 
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
@@ -27,6 +27,11 @@ def bearer_token(request: web.Request) -> str:
     raise Unauthorized("send Authorization: Bearer <token>")
 
 
+def require_admin(request: web.Request) -> None:
+    if not request[IS_ADMIN]:
+        raise Forbidden("this needs an administrator's token")
+
+
 def check_origin(request: web.Request, settings: Settings) -> None:
     """Refuses a browser's WebSocket upgrade from another site: without this, any page a signed-in
     user visits could open their terminal with their credentials. Clients that send no Origin are
@@ -44,5 +49,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Authenticates every route that is not listed as public; unknown paths fall through to 404."""
     match_info = request.match_info
     if match_info.http_exception is None and match_info.route not in request.app[PUBLIC_ROUTES]:
-        request[USER] = request.app[TOKENS].verify(bearer_token(request))
+        identity = request.app[TOKENS].verify(bearer_token(request))
+        request[USER] = identity.user
+        request[IS_ADMIN] = identity.is_admin
     return await handler(request)

@@ -169,6 +169,25 @@ async def active_sessions(conn: Connection) -> list[Session]:
     return [Session.from_record(r) for r in records]
 
 
+async def list_sessions(conn: Connection, *, state: str | None, after: str, limit: int) -> list[Session]:
+    """Sessions in user order after `after` (keyset pagination), optionally in one state."""
+    records = await conn.fetch(
+        """
+        SELECT * FROM sessions WHERE user_id > $1 AND ($2::text IS NULL OR state = $2)
+        ORDER BY user_id LIMIT $3
+        """,
+        after,
+        state,
+        limit,
+    )
+    return [Session.from_record(r) for r in records]
+
+
+async def count_by_state(conn: Connection) -> dict[str, int]:
+    records = await conn.fetch("SELECT state, count(*) AS n FROM sessions GROUP BY state")
+    return {r["state"]: r["n"] for r in records}
+
+
 async def idle_users(conn: Connection, idle_timeout_s: float) -> list[str]:
     """Users whose running sandbox has seen no activity for idle_timeout_s, oldest first."""
     records = await conn.fetch(
@@ -243,6 +262,46 @@ async def touch(conn: Connection, user: str) -> None:
     await conn.execute(
         "UPDATE sessions SET last_activity = now() WHERE user_id = $1 AND state = 'running'", user
     )
+
+
+async def take_rate_slot(
+    conn: Connection, user: str, action: str, interval_s: float, window_s: float
+) -> float | None:
+    """One GCRA step (gateway/ratelimit.py): None if the action is allowed, else seconds to wait."""
+    allowed = await conn.fetchval(
+        """
+        INSERT INTO rate_limits AS r (user_id, action, tat)
+        VALUES ($1, $2, now() + make_interval(secs => $3))
+        ON CONFLICT (user_id, action) DO UPDATE
+            SET tat = greatest(r.tat, now()) + make_interval(secs => $3)
+            WHERE greatest(r.tat, now()) + make_interval(secs => $3) <= now() + make_interval(secs => $4)
+        RETURNING true
+        """,
+        user,
+        action,
+        interval_s,
+        window_s,
+    )
+    if allowed:
+        return None
+    wait: float = await conn.fetchval(
+        """
+        SELECT extract(epoch FROM greatest(tat, now()) + make_interval(secs => $3)
+                                  - now() - make_interval(secs => $4))::float8
+        FROM rate_limits WHERE user_id = $1 AND action = $2
+        """,
+        user,
+        action,
+        interval_s,
+        window_s,
+    )
+    return max(wait or 0.0, 0.0)
+
+
+async def forget_rate_limits(conn: Connection) -> int:
+    """Deletes the rows of buckets that are full again anyway; how many."""
+    status: str = await conn.execute("DELETE FROM rate_limits WHERE tat < now() - interval '1 hour'")
+    return int(status.split()[-1])
 
 
 async def ping(conn: Connection) -> None:

@@ -32,6 +32,11 @@ class GatewayError(Exception):
         self.message = message or self.default_message
         super().__init__(self.message)
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers that go with the error."""
+        return {}
+
 
 class InvalidRequest(GatewayError):
     status = 400
@@ -77,6 +82,14 @@ class UnsupportedMediaType(GatewayError):
 class TooManyRequests(GatewayError):
     status = 429
     code = "too_many_requests"
+
+    def __init__(self, message: str | None = None, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class DockerFailed(GatewayError):

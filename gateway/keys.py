@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .activity import ActivityRecorder
 from .execute import ExecRunner
+from .metrics import Metrics
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .tokens import TokenVerifier
@@ -30,6 +31,11 @@ OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
 PUBLIC_ROUTES = web.AppKey("public_routes", frozenset)
 
 TOKENS = web.AppKey("tokens", TokenVerifier)
+METRICS = web.AppKey("metrics", Metrics)
 
 # The authenticated user (the token's `sub`), set by the auth middleware.
 USER = web.RequestKey("user", str)
+# The id of the request in logs and in the X-Request-Id response header.
+REQUEST_ID = web.RequestKey("request_id", str)
+# Whether the token carries the configured admin claim (settings.admin_claim).
+IS_ADMIN = web.RequestKey("is_admin", bool)

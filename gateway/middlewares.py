@@ -9,12 +9,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .errors import GatewayError
+from .keys import METRICS
 
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
 @web.middleware
@@ -22,7 +25,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GatewayError as err:
-        return error_response(err.status, err.code, err.message)
+        request.app[METRICS].count_error(err)
+        return error_response(err.status, err.code, err.message, err.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

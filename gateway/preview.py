@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import Forbidden, GatewayError, InvalidRequest
-from .keys import ACTIVITY, PREVIEW_KEY, SANDBOXES, SETTINGS, UPSTREAM
+from .keys import ACTIVITY, METRICS, PREVIEW_KEY, SANDBOXES, SETTINGS, UPSTREAM
 from .preview_auth import LOGIN_PATH, authorize_viewer, rewrite_set_cookie, strip_preview_cookie
 from .tokens import USER_PATTERN
 from .upstream import UpstreamError
@@ -194,7 +194,8 @@ async def _proxy_websocket(request: web.Request, target: Target, prefix: str) ->
         response = web.StreamResponse(status=101, headers=_upgrade_response_headers(headers))
         response.force_close()
         await response.prepare(request)
-        await _splice(request, response, reader, writer)
+        with request.app[METRICS].open_websockets.labels("preview").track_inprogress():
+            await _splice(request, response, reader, writer)
         return response
     finally:
         writer.close()

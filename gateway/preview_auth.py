@@ -94,7 +94,7 @@ def authorize_viewer(request: web.Request, owner: str, settings: Settings, key: 
     """Lets the request through only if it comes from the preview's owner."""
     viewer: str | None
     if "Authorization" in request.headers:
-        viewer = request.app[TOKENS].verify(bearer_token(request))
+        viewer = request.app[TOKENS].verify(bearer_token(request)).user
     else:
         cookie = _preview_cookie(request)
         viewer = _verified_user(cookie, SESSION_AUDIENCE, key) if cookie else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from . import db
 from .errors import GatewayError
-from .keys import DB, SANDBOXES, SETTINGS
+from .keys import DB, METRICS, SANDBOXES, SETTINGS
 from .sandboxes import Sandboxes
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,24 @@ async def _reap_forever(app: web.Application) -> None:
     settings = app[SETTINGS]
     while True:
         await asyncio.sleep(settings.reaper_interval_s)
+        metrics = app[METRICS]
+        started = time.perf_counter()
         try:
-            await reap_once(app[SANDBOXES], app[DB], settings.idle_timeout_s)
+            reaped = await reap_once(app[SANDBOXES], app[DB], settings.idle_timeout_s)
+            async with db.connection(app[DB]) as conn:
+                await db.forget_rate_limits(conn)
         except GatewayError as err:
             # Docker or PostgreSQL away: the next pass tries again.
             log.warning("reaper pass failed: %s", err.message)
+            metrics.count_error(err)
+            metrics.reaper_passes.labels("failed").inc()
         except Exception:
             log.exception("reaper pass failed")
+            metrics.reaper_passes.labels("failed").inc()
+        else:
+            metrics.reaper_passes.labels("ok").inc()
+            metrics.reaped.inc(len(reaped))
+        metrics.reaper_seconds.observe(time.perf_counter() - started)
 
 
 async def reaper_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from importlib import resources
 from pathlib import Path
 
 from aiohttp import web
 
-from . import containers, db
-from .errors import GatewayError, InvalidRequest, ServiceUnavailable
-from .keys import DB, DOCKER, EXEC_RUNNER, OPENAPI_DOCUMENT, PUBLIC_ROUTES, SANDBOXES, SETTINGS, USER
+from . import containers, db, ratelimit
+from .admin import get_any_sandbox, list_sandboxes, stop_any_sandbox
+from .errors import GatewayError, ServiceUnavailable
+from .execute import ExecResult
+from .keys import (
+    DB,
+    DOCKER,
+    EXEC_RUNNER,
+    METRICS,
+    OPENAPI_DOCUMENT,
+    PUBLIC_ROUTES,
+    SANDBOXES,
+    SETTINGS,
+    USER,
+)
+from .metrics import Metrics
+from .metrics_http import metrics_endpoint
 from .preview import preview, preview_redirect_slash
 from .preview_auth import LOGIN_PATH, preview_login, preview_session
 from .projects import create_project
-from .schemas import ExecBody, StartBody, exec_json, parse_body, session_json
+from .schemas import ExecBody, StartBody, exec_json, parse_body, parse_purge, session_json
 from .terminal import terminal
 
 # The page as Vite built it (scripts/build-page.sh); the sources are in static/ beside it.
@@ -27,7 +42,17 @@ async def start_sandbox(request: web.Request) -> web.Response:
     await parse_body(request, StartBody, optional=True)
     sandboxes = request.app[SANDBOXES]
     user = request[USER]
-    result = await sandboxes.start(user)
+    await ratelimit.take(request.app[DB], user, "start", request.app[SETTINGS].start_rate)
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        result = await sandboxes.start(user)
+    except GatewayError:
+        metrics.starts.labels("failed").inc()
+        raise
+    if result.created:
+        metrics.start_seconds.observe(time.perf_counter() - started)
+    metrics.starts.labels("created" if result.created else "existing").inc()
     body = session_json(result.session, request.app[SETTINGS], sandboxes.preview_url(user))
     return web.json_response(body, status=201 if result.created else 200)
 
@@ -41,10 +66,7 @@ async def get_sandbox(request: web.Request) -> web.Response:
 
 async def stop_sandbox(request: web.Request) -> web.Response:
     """DELETE /api/sandbox[?purge=true]: stop; with purge, also delete the workspace for good."""
-    purge = request.query.get("purge", "false")
-    if purge not in ("true", "false"):
-        raise InvalidRequest("purge: must be true or false")
-    await request.app[SANDBOXES].stop(request[USER], purge=purge == "true")
+    await request.app[SANDBOXES].stop(request[USER], purge=parse_purge(request))
     return web.Response(status=204)
 
 
@@ -52,11 +74,19 @@ async def exec_snippet(request: web.Request) -> web.Response:
     body = await parse_body(request, ExecBody)
     exec_request = body.to_request(request.app[SETTINGS])
     user = request[USER]
+    await ratelimit.take(request.app[DB], user, "exec", request.app[SETTINGS].exec_rate)
     runner = request.app[EXEC_RUNNER]
     async with runner.slot(user):
         container_id = await request.app[SANDBOXES].running_container(user)
         result = await runner.run(container_id, exec_request)
+    _count_exec(request.app[METRICS], body.language, result)
     return web.json_response(exec_json(result))
+
+
+def _count_exec(metrics: Metrics, language: str, result: ExecResult) -> None:
+    outcome = "timeout" if result.timed_out else "ok" if result.exit_code == 0 else "error"
+    metrics.execs.labels(language, outcome).inc()
+    metrics.exec_seconds.labels(language).observe(result.duration_ms / 1000)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -115,9 +145,14 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/sandbox/terminal", terminal, allow_head=False)
     router.add_post("/api/sandbox/preview-session", preview_session)
     router.add_post("/api/sandbox/projects", create_project)
+    router.add_get("/api/admin/sandboxes", list_sandboxes, allow_head=False)
+    router.add_get("/api/admin/sandboxes/{user}", get_any_sandbox, allow_head=False)
+    router.add_delete("/api/admin/sandboxes/{user}", stop_any_sandbox)
     public = [
         router.add_get("/healthz", healthz, allow_head=False),
         router.add_get("/api/openapi.json", openapi, allow_head=False),
+        # Its own token (GATEWAY_METRICS_TOKEN), not a user's: metrics_http.py.
+        router.add_get("/metrics", metrics_endpoint, allow_head=False),
         router.add_get("/", index, allow_head=False),
         # Previews authenticate their own way (bearer token or preview cookie): preview_auth.py.
         router.add_route("*", "/preview/{user}/{tail:.*}", preview),

@@ -79,6 +79,14 @@ def _describe(err: pydantic.ValidationError) -> str:
     return "; ".join(problems)
 
 
+def parse_purge(request: web.Request) -> bool:
+    """The `purge` query flag of a stop: delete the workspace too."""
+    purge = request.query.get("purge", "false")
+    if purge not in ("true", "false"):
+        raise InvalidRequest("purge: must be true or false")
+    return purge == "true"
+
+
 def session_json(session: Session, settings: Settings, preview_url: str) -> dict[str, Any]:
     return {
         "user": session.user,

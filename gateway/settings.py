@@ -36,6 +36,17 @@ class ExecSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RateLimit:
+    """A token bucket: `per_minute` actions a minute on average, and as many in a burst; 0 is no limit."""
+
+    per_minute: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_minute > 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -64,6 +75,18 @@ class Settings:
     # Origins besides the gateway's own from which browsers may open WebSockets (terminal, preview HMR).
     allowed_origins: frozenset[str] = frozenset()
     max_terminals_per_user: int = 5
+    # Per user, across every gateway on the database.
+    start_rate: RateLimit = RateLimit(per_minute=20)
+    exec_rate: RateLimit = RateLimit(per_minute=600)
+    # A token whose `admin_claim` holds `admin_value` (alone or in a list) may administer every sandbox.
+    admin_claim: str = "role"
+    admin_value: str = "admin"
+    # /metrics on the main listener answers only to this bearer token; unset, it is not served there.
+    metrics_token: str | None = field(default=None, repr=False)
+    # A second listener (host:port) that serves /metrics alone, without a token: for a private network.
+    metrics_address: tuple[str, int] | None = None
+    # "json" (one object per line) or "text".
+    log_format: str = "json"
 
     @property
     def public_origin(self) -> str:
@@ -123,6 +146,13 @@ class Settings:
                 if origin.strip()
             ),
             max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 5, minimum=1),
+            start_rate=RateLimit(per_minute=_int(env, "RATE_LIMIT_STARTS_PER_MINUTE", 20, minimum=0)),
+            exec_rate=RateLimit(per_minute=_int(env, "RATE_LIMIT_EXECS_PER_MINUTE", 600, minimum=0)),
+            admin_claim=env.get("GATEWAY_ADMIN_CLAIM", "").strip() or "role",
+            admin_value=env.get("GATEWAY_ADMIN_VALUE", "").strip() or "admin",
+            metrics_token=env.get("GATEWAY_METRICS_TOKEN", "").strip() or None,
+            metrics_address=_address(env, "GATEWAY_METRICS_ADDRESS"),
+            log_format=_choice(env, "GATEWAY_LOG_FORMAT", "json", ("json", "text")),
         )
 
     def __post_init__(self) -> None:
@@ -143,6 +173,8 @@ class Settings:
                 raise SettingsError(f"{name} must be an http(s) URL, got {url!r}")
         if self.preview_origin == self.public_origin:
             raise SettingsError("GATEWAY_PREVIEW_URL must be another origin than GATEWAY_PUBLIC_URL")
+        if self.metrics_token is not None and len(self.metrics_token) < 16:
+            raise SettingsError("GATEWAY_METRICS_TOKEN must be at least 16 characters long")
         if self.exec.default_timeout_ms > self.exec.max_timeout_ms:
             raise SettingsError("EXEC_DEFAULT_TIMEOUT_MS must not exceed EXEC_MAX_TIMEOUT_MS")
 
@@ -169,6 +201,23 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> in
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _address(env: Mapping[str, str], name: str) -> tuple[str, int] | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    host, _, port = raw.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{name} must be host:port, got {raw!r}")
+    return host.strip("[]"), int(port)
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
 import jwt
 
@@ -16,8 +18,17 @@ USER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LEEWAY_S = 5
 
 
-def verify_token(token: str, settings: Settings) -> str:
-    """The token's user (`sub`); Unauthorized for anything short of a valid, unexpired token."""
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a valid token speaks for."""
+
+    user: str
+    is_admin: bool
+    expires: float
+
+
+def verify_token(token: str, settings: Settings) -> Identity:
+    """The token's identity; Unauthorized for anything short of a valid, unexpired token."""
     try:
         claims = jwt.decode(
             token,
@@ -34,7 +45,16 @@ def verify_token(token: str, settings: Settings) -> str:
     user = claims["sub"]
     if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
         raise Unauthorized("the token's subject is not a valid user name")
-    return user
+    return Identity(user=user, is_admin=_is_admin(claims, settings), expires=float(claims["exp"]))
+
+
+def _is_admin(claims: dict[str, Any], settings: Settings) -> bool:
+    """The admin claim holds the admin value, alone or in a list (identity providers do both:
+    `"role": "admin"`, `"roles": ["admin", "dev"]`)."""
+    value = claims.get(settings.admin_claim)
+    if isinstance(value, list):
+        return settings.admin_value in value
+    return value == settings.admin_value
 
 
 class TokenVerifier:
@@ -45,25 +65,25 @@ class TokenVerifier:
     def __init__(self, settings: Settings, size: int = 4096) -> None:
         self._settings = settings
         self._size = size
-        self._verified: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._verified: OrderedDict[str, Identity] = OrderedDict()
 
-    def verify(self, token: str) -> str:
+    def verify(self, token: str) -> Identity:
         hit = self._verified.get(token)
-        if hit is not None and hit[1] > time.time():
+        if hit is not None and hit.expires > time.time():
             self._verified.move_to_end(token)
-            return hit[0]
-        user = verify_token(token, self._settings)
-        expires = jwt.decode(token, options={"verify_signature": False})["exp"]
-        self._verified[token] = (user, float(expires))
+            return hit
+        identity = verify_token(token, self._settings)
+        self._verified[token] = identity
         if len(self._verified) > self._size:
             self._verified.popitem(last=False)
-        return user
+        return identity
 
 
-def mint_token(user: str, settings: Settings, lifetime_s: int) -> str:
+def mint_token(user: str, settings: Settings, lifetime_s: int, *, admin: bool = False) -> str:
     """A token for `user`, for local development and tests only: production tokens come from the
     operator's identity provider."""
     now = int(time.time())
-    return jwt.encode(
-        {"sub": user, "iat": now, "exp": now + lifetime_s}, settings.jwt_key, algorithm=settings.jwt_algorithm
-    )
+    claims: dict[str, Any] = {"sub": user, "iat": now, "exp": now + lifetime_s}
+    if admin:
+        claims[settings.admin_claim] = settings.admin_value
+    return jwt.encode(claims, settings.jwt_key, algorithm=settings.jwt_algorithm)

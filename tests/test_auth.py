@@ -29,7 +29,29 @@ def valid_claims(**changes: object) -> dict[str, object]:
 
 
 def test_valid_token_names_its_user() -> None:
-    assert verify_token(token(valid_claims()), SETTINGS) == "alice"
+    identity = verify_token(token(valid_claims()), SETTINGS)
+    assert identity.user == "alice"
+    assert not identity.is_admin
+
+
+@pytest.mark.parametrize(
+    ("claims", "is_admin"),
+    [
+        ({"role": "admin"}, True),
+        ({"role": ["dev", "admin"]}, True),
+        ({"role": "administrator"}, False),
+        ({"role": ["dev"]}, False),
+        ({"role": {"admin": True}}, False),
+        ({"roles": "admin"}, False),
+    ],
+)
+def test_admin_is_the_configured_claim_holding_the_configured_value(
+    claims: dict[str, object], is_admin: bool
+) -> None:
+    assert verify_token(token(valid_claims(**claims)), SETTINGS).is_admin is is_admin
+    custom = Settings(jwt_key=SETTINGS.jwt_key, database_url="x", admin_claim="groups", admin_value="ops")
+    assert verify_token(token(valid_claims(groups=["ops"])), custom).is_admin
+    assert not verify_token(token(valid_claims(**claims)), custom).is_admin
 
 
 @pytest.mark.parametrize(
@@ -73,7 +95,8 @@ def test_public_key_algorithms(tmp_path: Path) -> None:
                 "DATABASE_URL": "x",
             }
         )
-        assert verify_token(token(valid_claims(), key=private_key, algorithm=algorithm), settings) == "alice"  # type: ignore[arg-type]
+        signed = token(valid_claims(), key=private_key, algorithm=algorithm)  # type: ignore[arg-type]
+        assert verify_token(signed, settings).user == "alice"
         # The public key must never work as an HMAC secret (the classic algorithm confusion).
         with pytest.raises(SettingsError):
             Settings(jwt_key=public_pem, jwt_algorithm="HS256", database_url="x")
@@ -110,12 +133,12 @@ async def test_expired_token_says_so(client: TestClient) -> None:
 def test_verifier_remembers_only_what_passed() -> None:
     verifier = TokenVerifier(SETTINGS, size=2)
     good = token(valid_claims())
-    assert verifier.verify(good) == "alice"
-    assert verifier.verify(good) == "alice"
+    assert verifier.verify(good).user == "alice"
+    assert verifier.verify(good).user == "alice"
     # Same claims, another key: a different token, checked in full and refused.
     with pytest.raises(Unauthorized):
         verifier.verify(token(valid_claims(), key="another-secret-that-is-long-enough-32"))
     # Past its size the oldest is forgotten, and verified again when it comes back.
     for user in ("bob", "carol", "dave"):
-        assert verifier.verify(token(valid_claims(sub=user))) == user
-    assert verifier.verify(good) == "alice"
+        assert verifier.verify(token(valid_claims(sub=user))).user == user
+    assert verifier.verify(good).user == "alice"

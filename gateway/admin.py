@@ -1,0 +1,77 @@
+"""Administration: every sandbox, for tokens that carry the admin claim (settings.admin_claim)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from . import db
+from .auth import require_admin
+from .errors import InvalidRequest, SandboxNotFound
+from .keys import DB, SANDBOXES, SETTINGS
+from .schemas import parse_purge, session_json
+from .tokens import USER_PATTERN
+
+STATES = ("starting", "running", "stopping", "stopped")
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+
+
+async def list_sandboxes(request: web.Request) -> web.Response:
+    """GET /api/admin/sandboxes[?state=running&limit=100&after=<user>]: a page of sessions in user
+    order; `next` is the `after` of the following page, null on the last one."""
+    require_admin(request)
+    state = request.query.get("state")
+    if state is not None and state not in STATES:
+        raise InvalidRequest(f"state: must be one of {', '.join(STATES)}")
+    limit = _page_size(request.query.get("limit"))
+    after = request.query.get("after", "")
+    async with db.connection(request.app[DB]) as conn:
+        sessions = await db.list_sessions(conn, state=state, after=after, limit=limit)
+    items = [_admin_json(request, session) for session in sessions]
+    next_after = sessions[-1].user if len(sessions) == limit else None
+    return web.json_response({"sandboxes": items, "next": next_after})
+
+
+async def get_any_sandbox(request: web.Request) -> web.Response:
+    require_admin(request)
+    user = _user(request)
+    async with db.connection(request.app[DB]) as conn:
+        session = await db.get_session(conn, user)
+    if session is None:
+        raise SandboxNotFound(f"{user} has no sandbox")
+    return web.json_response(_admin_json(request, session))
+
+
+async def stop_any_sandbox(request: web.Request) -> web.Response:
+    """DELETE /api/admin/sandboxes/<user>[?purge=true]: what the user's own DELETE does, for anyone."""
+    require_admin(request)
+    user, purge = _user(request), parse_purge(request)
+    try:
+        await request.app[SANDBOXES].stop(user, reason="admin", purge=purge)
+    except SandboxNotFound:
+        missing = "no running sandbox" + (" and no workspace" if purge else "")
+        raise SandboxNotFound(f"{user} has {missing}") from None
+    return web.Response(status=204)
+
+
+def _user(request: web.Request) -> str:
+    user = request.match_info["user"]
+    if not USER_PATTERN.fullmatch(user):
+        raise InvalidRequest("user: not a valid user name")
+    return user
+
+
+def _page_size(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_PAGE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise InvalidRequest(f"limit: must be a whole number from 1 to {MAX_PAGE}")
+    return int(raw)
+
+
+def _admin_json(request: web.Request, session: db.Session) -> dict[str, Any]:
+    body = session_json(session, request.app[SETTINGS], request.app[SANDBOXES].preview_url(session.user))
+    body["container_id"] = session.container_id
+    return body
