@@ -11,6 +11,7 @@ import logging
 import re
 import uuid
 from contextvars import ContextVar
+from typing import TextIO
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -33,8 +34,9 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    handler = logging.StreamHandler()
+def log_handler(log_format: str, stream: TextIO | None = None) -> logging.Handler:
+    """A handler writing `log_format` ("json" or "text") lines, each with its request id."""
+    handler = logging.StreamHandler(stream)
     handler.addFilter(RequestIdFilter())
     if log_format == "json":
         handler.setFormatter(
@@ -48,7 +50,11 @@ def configure_logging(level: str, log_format: str) -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
         )
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    return handler
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(log_format)], force=True)
 
 
 @web.middleware

@@ -21,9 +21,10 @@ JWT_SECRET = secrets.token_urlsafe(48)
 MakeClient = Callable[..., Awaitable[TestClient]]
 
 
-def auth(user: str, lifetime_s: int = 600) -> dict[str, str]:
+def auth(user: str, lifetime_s: int = 600, *, admin: bool = False) -> dict[str, str]:
     """Headers that authenticate as `user` with a token signed by the test secret."""
-    token = mint_token(user, Settings(jwt_key=JWT_SECRET, database_url="unused"), lifetime_s)
+    settings = Settings(jwt_key=JWT_SECRET, database_url="unused")
+    token = mint_token(user, settings, lifetime_s, admin=admin)
     return {"Authorization": f"Bearer {token}"}
 
 

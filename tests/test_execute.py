@@ -153,6 +153,7 @@ async def test_concurrent_runs_per_user_are_bounded(
         )
         assert second.status == 429
         assert (await second.json())["error"]["code"] == "too_many_requests"
+        assert second.headers["Retry-After"] == "1"
         # Another user's runs are not affected.
         assert (await client.post("/api/sandbox", headers=auth("bob"))).status == 201
         assert (await run(client, user="bob", language="bash", code="echo free"))["stdout"] == "free\n"
