@@ -1,4 +1,5 @@
-"""`python -m gateway.devtoken USER [HOURS]`: prints a token for USER signed with GATEWAY_JWT_SECRET.
+"""`python -m gateway.devtoken [--admin] USER [HOURS]`: prints a token for USER signed with
+GATEWAY_JWT_SECRET; with --admin it also carries the admin claim.
 
 A development convenience for `make run` and local scripts. In production, tokens come from your
 identity provider, and the gateway only verifies them.
@@ -6,6 +7,7 @@ identity provider, and the gateway only verifies them.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -14,15 +16,19 @@ from .tokens import USER_PATTERN, mint_token
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) not in (2, 3) or not USER_PATTERN.fullmatch(argv[1]):
-        sys.exit("usage: python -m gateway.devtoken USER [HOURS]  (USER like alice)")
-    hours = float(argv[2]) if len(argv) == 3 else 12.0
+    parser = argparse.ArgumentParser(prog="python -m gateway.devtoken", description=__doc__.splitlines()[0])
+    parser.add_argument("user", help="the token's sub, like alice")
+    parser.add_argument("hours", nargs="?", type=float, default=12.0, help="lifetime (default 12)")
+    parser.add_argument("--admin", action="store_true", help="add GATEWAY_ADMIN_CLAIM=GATEWAY_ADMIN_VALUE")
+    args = parser.parse_args(argv[1:])
+    if not USER_PATTERN.fullmatch(args.user):
+        parser.error(f"not a valid user name: {args.user!r}")
     env = dict(os.environ)
     env.setdefault("DATABASE_URL", "unused")
     settings = Settings.from_env(env)
     if settings.jwt_algorithm not in SYMMETRIC_ALGORITHMS:
         sys.exit("devtoken signs with GATEWAY_JWT_SECRET; with a public key, tokens come from your issuer")
-    print(mint_token(argv[1], settings, lifetime_s=int(hours * 3600)))
+    print(mint_token(args.user, settings, lifetime_s=int(args.hours * 3600), admin=args.admin))
 
 
 if __name__ == "__main__":
