@@ -3,6 +3,8 @@ Never headers or queries, where tokens travel."""
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -10,6 +12,11 @@ from .keys import REQUEST_ID
 
 
 class AccessLogger(AbstractAccessLogger):
+    @property
+    def enabled(self) -> bool:
+        # Spares building the line's fields on every request when INFO is off.
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         duration_ms = round(time * 1000, 1)
         self.logger.info(

@@ -37,6 +37,8 @@ HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # A dev server must not widen a service worker's scope beyond its own preview.
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"service-worker-allowed"}
+# Responses whose Content-Length describes no body of theirs: aiohttp must not recompute it.
+BODILESS_STATUSES = frozenset({204, 304})
 UPSTREAM_CONNECT_S = 10.0
 UPGRADE_HEAD_LIMIT = 64 * 1024
 SPLICE_CHUNK = 256 * 1024
@@ -96,16 +98,22 @@ async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.
     except UpstreamError as err:
         log.info("preview upstream %s failed: %s", target.port, err)
         return _not_listening(request)
-    response = web.StreamResponse(status=upstream.status)
-    response.headers.extend(_response_headers(upstream.headers, prefix, request))
-    await response.prepare(request)
+    headers = _response_headers(upstream.headers, prefix, request)
+    if request.method != "HEAD" and upstream.status not in BODILESS_STATUSES:
+        whole = upstream.complete_body()
+        if whole is not None:
+            # Head and body in one write: the send() calls are most of the proxy's cost (py-spy).
+            headers.popall(hdrs.CONTENT_LENGTH, None)
+            return web.Response(status=upstream.status, headers=headers, body=whole)
+    response = web.StreamResponse(status=upstream.status, headers=headers)
     try:
+        await response.prepare(request)
         # Streamed as it comes: a 50 MB download or an event stream never sits in memory.
         async for chunk in upstream.body():
             await response.write(chunk)
         await response.write_eof()
     except (UpstreamError, ConnectionResetError) as err:
-        # Either side went away mid-body; the status is sent, so all that is left is to stop.
+        # Either side went away mid-body; the status may be sent, so all that is left is to stop.
         log.info("preview body to %s cut short: %r", request.remote, err)
     return response
 

@@ -39,6 +39,11 @@ class Response:
     def body(self) -> AsyncIterator[bytes]:
         return self._connection.body()
 
+    def complete_body(self) -> bytes | None:
+        """The whole body if it has already arrived with the head (a small response usually has),
+        which also frees the connection; else None, and `body()` streams it."""
+        return self._connection.complete_body()
+
 
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, port: int) -> None:
@@ -161,6 +166,15 @@ class _Connection(asyncio.Protocol):
                 return
             self._readable.clear()
             await self._readable.wait()
+
+    def complete_body(self) -> bytes | None:
+        if not self._complete or self._failed is not None:
+            return None
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._finish()
+        return body
 
     def _finish(self) -> None:
         if self.closed or not self._keep_alive:
