@@ -20,6 +20,10 @@ class ActivityRecorder:
         self._last_write: dict[str, float] = {}
         self.writes = 0
 
+    @property
+    def interval_s(self) -> float:
+        return self._interval_s
+
     async def seen(self, user: str) -> None:
         now = time.monotonic()
         if now - self._last_write.get(user, float("-inf")) < self._interval_s:

@@ -70,7 +70,7 @@ async def preview(request: web.Request) -> web.StreamResponse:
         return _error(request, err)
     await request.app[ACTIVITY].seen(user)
     # The full raw path and query go upstream untouched: Vite strips its base itself.
-    target = Target(port=port, path=request.rel_url.raw_path_qs)
+    target = Target(user=user, port=port, path=request.rel_url.raw_path_qs)
     if request.headers.get(hdrs.UPGRADE, "").lower() == "websocket":
         return await _proxy_websocket(request, target, prefix)
     return await _proxy_http(request, target, prefix)
@@ -78,6 +78,7 @@ async def preview(request: web.Request) -> web.StreamResponse:
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    user: str
     port: int
     path: str
 
@@ -203,7 +204,7 @@ async def _proxy_websocket(request: web.Request, target: Target, prefix: str) ->
         response.force_close()
         await response.prepare(request)
         with request.app[METRICS].open_websockets.labels("preview").track_inprogress():
-            await _splice(request, response, reader, writer)
+            await _splice(request, response, reader, writer, target.user)
         return response
     finally:
         writer.close()
@@ -251,11 +252,13 @@ class _ClientToUpstream:
         self._writer = writer
         self._draining: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+        self.moved = 0
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         if self._writer.is_closing():
             return False, b""
         self._writer.write(data)
+        self.moved += len(data)
         transport = self._writer.transport
         if transport.get_write_buffer_size() > SPLICE_HIGH_WATER and self._draining is None and self._client:
             self._client.pause_reading()
@@ -283,25 +286,41 @@ async def _splice(
     response: web.StreamResponse,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
+    user: str,
 ) -> None:
     inbound = _ClientToUpstream(request, writer)
     # Public since aiohttp 3.x for exactly this: WebSocketResponse hands the connection over the same way.
     request.protocol.set_parser(inbound)  # type: ignore[arg-type]
+    outbound_moved = 0
 
     async def outbound() -> None:
+        nonlocal outbound_moved
         with suppress(ConnectionError):
             while data := await reader.read(SPLICE_CHUNK):
+                outbound_moved += len(data)
                 # Awaiting the write is the backpressure toward a slow browser.
                 await response.write(data)
 
+    async def record_activity() -> None:
+        # Bytes in either direction within an interval count as activity, as terminal traffic does; a
+        # socket that only sits open does not keep the sandbox alive.
+        activity = request.app[ACTIVITY]
+        last = 0
+        while True:
+            await asyncio.sleep(activity.interval_s)
+            if inbound.moved + outbound_moved != last:
+                last = inbound.moved + outbound_moved
+                await activity.seen(user)
+
     copying = asyncio.ensure_future(outbound())
     closing = asyncio.ensure_future(inbound.closed.wait())
+    recording = asyncio.ensure_future(record_activity())
     try:
         await asyncio.wait({copying, closing}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in (copying, closing):
+        for task in (copying, closing, recording):
             task.cancel()
-        await asyncio.gather(copying, closing, return_exceptions=True)
+        await asyncio.gather(copying, closing, recording, return_exceptions=True)
 
 
 def _wants_html(request: web.Request) -> bool:

@@ -303,3 +303,38 @@ async def test_busy_preview_makes_no_write_storm(
 
 async def _ok(preview: Preview) -> bool:
     return (await preview.request("GET", "echo")).status == 200
+
+
+async def test_preview_websocket_traffic_counts_as_activity_and_silence_does_not(
+    make_client: MakeClient, settings: Settings, docker: aiodocker.Docker
+) -> None:
+    client = await make_client(activity_interval_s=0.2)
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    await start_upstream(client, docker, "alice")
+    preview = Preview(client, settings, "alice")
+    await poll(lambda: _ok(preview))
+    ws = await client.ws_connect(preview.url("ws"), headers={"Host": preview.host, **auth("alice")})
+
+    async def set_idle() -> None:
+        async with client.app[DB].acquire() as conn:
+            await conn.execute("UPDATE sessions SET last_activity = '2000-01-01'")
+
+    async def moved() -> bool:
+        async with client.app[DB].acquire() as conn:
+            return bool(await conn.fetchval("SELECT last_activity > '2001-01-01' FROM sessions"))
+
+    await set_idle()
+
+    async def chatting() -> bool:
+        await ws.send_str("ping")
+        assert (await ws.receive()).data == "ping"
+        return await moved()
+
+    await poll(chatting, timeout_s=10)
+    # Observation windows, not synchronisation: let the recorder note the last bytes of the chat, then
+    # watch five recording intervals of an open, silent socket.
+    await asyncio.sleep(0.5)
+    await set_idle()
+    await asyncio.sleep(1.0)
+    assert not await moved()
+    await ws.close()
