@@ -148,10 +148,9 @@ async def test_compose_up_runs_code_in_a_sandbox_and_down_removes_everything(
     # Down removed the services and volumes; the sandboxes went with remove_deployment.
     assert await labelled_containers(docker, f"{COMPOSE_PROJECT_LABEL}={deployment.project}") == []
     assert await labelled_containers(docker, f"{LABEL_GATEWAY}={deployment.project}") == []
-    volumes = await docker.volumes.list(  # type: ignore[no-untyped-call]
-        filters={"label": [f"{COMPOSE_PROJECT_LABEL}={deployment.project}"]}
-    )
-    assert (volumes.get("Volumes") or []) == []
+    for label in (f"{COMPOSE_PROJECT_LABEL}={deployment.project}", f"{LABEL_GATEWAY}={deployment.project}"):
+        volumes = await docker.volumes.list(filters={"label": [label]})  # type: ignore[no-untyped-call]
+        assert (volumes.get("Volumes") or []) == [], label
 
 
 async def check_deployment(deployment: Deployment, docker: aiodocker.Docker) -> None:
