@@ -82,21 +82,6 @@ async def compose_command() -> str:
     pytest.fail("no Compose implementation: apt-get install docker-compose (scripts/test.sh does)")
 
 
-@pytest.fixture
-async def docker_engine() -> AsyncIterator[aiodocker.Docker]:
-    """The engine alone: unlike the suite's `docker`, this test builds its own sandbox image."""
-    client = aiodocker.Docker()
-    try:
-        await client.version()
-    except (aiodocker.DockerError, OSError) as err:
-        await client.close()
-        pytest.fail(f"no Docker engine answers ({err}); `make test` starts one, or apt-get install docker.io")
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 @asynccontextmanager
 async def composed(tmp_path: Path, docker: aiodocker.Docker) -> AsyncIterator[Deployment]:
     """The composed system under a random project name and port, brought down (volumes too) after,
@@ -140,9 +125,8 @@ async def labelled_containers(docker: aiodocker.Docker, label: str) -> list[dict
 
 
 async def test_compose_up_runs_code_in_a_sandbox_and_down_removes_everything(
-    tmp_path: Path, docker_engine: aiodocker.Docker
+    tmp_path: Path, docker: aiodocker.Docker
 ) -> None:
-    docker = docker_engine
     async with composed(tmp_path, docker) as deployment:
         await check_deployment(deployment, docker)
     # Down removed the services and volumes; the sandboxes went with remove_deployment.
