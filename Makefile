@@ -1,5 +1,5 @@
 # Shortcuts for the scripts that README.md documents; the scripts need nothing but bash.
-.PHONY: run test bench image lint
+.PHONY: run test bench image lint compose
 
 run:
 	scripts/run.sh
@@ -15,3 +15,6 @@ lint:
 
 bench:
 	scripts/bench.sh
+
+compose:
+	scripts/compose-up.sh

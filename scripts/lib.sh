@@ -26,3 +26,44 @@ wait_for() {
         sleep 0.2
     done
 }
+
+# The hash of sandbox-image/ (names, modes and contents of every file: what its build can see), which
+# the sandbox image carries in the label sandbox-gateway.source-hash.
+sandbox_source_hash() {
+    (cd "$ROOT/sandbox-image" && find . -type f -printf '%p %m\n' | LC_ALL=C sort |
+        while read -r path mode; do echo "$path $mode $(sha256sum <"$path")"; done | sha256sum | cut -c1-16)
+}
+
+# Prints the tag of the local base (sandbox-image/local-base.sh: Debian bookworm by debootstrap, Node.js
+# 22 from the npm registry, no image registry needed), building it first when it is missing.
+local_base_image() {
+    local base
+    base=sandbox-gateway/base:bookworm-node22-$(sha256sum "$ROOT/sandbox-image/local-base.sh" | cut -c1-12)
+    if ! docker image inspect "$base" >/dev/null 2>&1; then
+        say "no image registry answers: building a local base with debootstrap (about a minute)"
+        command -v debootstrap >/dev/null || apt_install debootstrap
+        command -v npm >/dev/null || apt_install npm
+        "$ROOT/sandbox-image/local-base.sh" "$base" >&2
+    fi
+    echo "$base"
+}
+
+# Prints the public image $1 when it is here or a registry gives it, and the local base otherwise.
+public_or_local_base() {
+    if docker image inspect "$1" >/dev/null 2>&1 || timeout 300 docker pull -q "$1" >/dev/null 2>&1; then
+        echo "$1"
+    else
+        local_base_image
+    fi
+}
+
+# env_setting FILE NAME: the value of NAME as Compose sees it, the environment first and then the env
+# file (KEY=VALUE lines; quotes around the value are dropped).
+env_setting() {
+    if [[ -n ${!2:-} ]]; then
+        echo "${!2}"
+    elif [[ -f $1 ]]; then
+        sed -n "s/^[[:space:]]*$2[[:space:]]*=[[:space:]]*//p" "$1" | tail -n1 |
+            sed -e 's/[[:space:]]*$//' -e "s/^\(['\"]\)\(.*\)\1\$/\2/"
+    fi
+}

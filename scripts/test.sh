@@ -13,6 +13,8 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_install postgres
 # The browser tests drive Debian's Chromium with Playwright (whose own browser downloads need more
 # than a package registry).
 [[ -x /usr/bin/chromium ]] || apt_install chromium
+# The Compose test runs docker-compose.yml: Compose v2 where Docker's plugin is here, else Debian's.
+docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || apt_install docker-compose
 
 cd "$ROOT"
 say "ruff and mypy"
