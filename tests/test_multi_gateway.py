@@ -22,9 +22,10 @@ from aiohttp import WSMsgType
 from yarl import URL
 
 from gateway.containers import LABEL_GATEWAY, LABEL_USER, container_name
+from gateway.keys import DB, SANDBOXES
 from gateway.settings import Settings
 
-from .helpers import JWT_SECRET, auth, free_port, poll
+from .helpers import JWT_SECRET, MakeClient, auth, free_port, poll
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -395,3 +396,25 @@ async def test_the_reaper_stops_each_idle_sandbox_once_and_spares_one_kept_busy_
         ("busy", "running", None),
         *((user, "stopped", "idle") for user in idle),
     ]
+
+
+async def test_a_gateway_starting_up_never_stops_what_another_just_started(
+    make_client: MakeClient, docker: aiodocker.Docker, settings: Settings
+) -> None:
+    """A gateway reconciles at start, while another may be starting sandboxes. Here the starting
+    gateway's database pool is held busy, so that its reconciliation waits, while the other starts a
+    sandbox from beginning to end; what the reconciliation then finds must leave it running."""
+    running, starting = await make_client(), await make_client()
+    pool = starting.app[DB]
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        reconciling = asyncio.ensure_future(starting.app[SANDBOXES].reconcile())
+        assert (await running.post("/api/sandbox", headers=auth("alice"))).status == 201
+    finally:
+        for conn in held:
+            await pool.release(conn)
+    await reconciling
+    body = await (await running.get("/api/sandbox", headers=auth("alice"))).json()
+    assert (body["state"], body["stop_reason"]) == ("running", None)
+    [container] = await containers_of(docker, settings)
+    assert container["State"] == "running"
