@@ -400,7 +400,7 @@ def report(
 ) -> None:
     print(f"\nAPI throughput and latency (wrk, {users} users, a wrk thread a connection)")
     header = (
-        f"  {'':<24}{'c':>3}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'reqs':>8}{'errs':>6}"
+        f"  {'':<24}{'c':>3}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'reqs':>8}{'errs':>7}"
         f"{'gw cpu%':>9}{'lb cpu%':>9}{'host%':>7}  split a/b"
     )
     for endpoint, (_, mode) in ENDPOINTS.items():
@@ -409,7 +409,7 @@ def report(
         for connections in CONNECTIONS:
             for name in targets:
                 r = results[(endpoint, connections, name)]
-                latency = f"{r.rps:>9.1f}{r.p50_ms:>9.2f}{r.p99_ms:>9.1f}{r.requests:>8}{r.errors:>6}"
+                latency = f"{r.rps:>9.1f}{r.p50_ms:>9.2f}{r.p99_ms:>9.1f}{r.requests:>8}{r.errors:>7}"
                 cpu = f"{r.gateway_cpu:>9.0f}{r.balancer_cpu:>9.0f}{r.machine_busy:>7.0f}"
                 print(f"  {name:<24}{connections:>3}{latency}{cpu}  {r.split}")
     print("\nTwo gateways behind HAProxy / one gateway alone (req/s ratio; p99 ratio)")
@@ -422,6 +422,10 @@ def report(
         print(f"  {endpoint:<24}{cells}")
     print("  (gw cpu%: the target's gateway processes together, in % of one core; host%: all 2 cores,")
     print("   whoever used them, other work on the machine included)")
+    failed = [f"{endpoint} c={c} {name}" for (endpoint, c, name), r in results.items() if r.errors]
+    if failed:
+        # A 429, a 5xx, a timed-out run or an engine that went away: those cells measured something else.
+        raise SystemExit("errors in " + "; ".join(failed) + ": those figures are not valid")
 
 
 if __name__ == "__main__":
