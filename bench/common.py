@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -70,20 +70,39 @@ def free_port() -> int:
 @asynccontextmanager
 async def running_gateway(**env: str) -> AsyncIterator[Gateway]:
     """`python -m gateway` in its own process, with a name of its own; its containers removed after."""
-    async with scratch_database() as database_url, _gateway_process(database_url, **env) as gateway:
+    async with running_gateways(1, **env) as (gateway,):
         yield gateway
 
 
 @asynccontextmanager
+async def running_gateways(count: int, **env: str) -> AsyncIterator[tuple[Gateway, ...]]:
+    """`count` gateway processes on one scratch database, with one deployment name and one JWT
+    secret, each on its own port: what a load balancer has behind it. Containers removed after."""
+    name = env.get("GATEWAY_NAME") or f"sgbench-{secrets.token_hex(3)}"
+    shared = {
+        "GATEWAY_NAME": name,
+        "SANDBOX_NETWORK": name,
+        "GATEWAY_JWT_SECRET": secrets.token_urlsafe(48),
+        **env,
+    }
+    async with scratch_database() as database_url:
+        try:
+            async with AsyncExitStack() as processes:
+                gateways = [
+                    await processes.enter_async_context(_gateway_process(database_url, **shared))
+                    for _ in range(count)
+                ]
+                yield tuple(gateways)
+        finally:
+            await remove_containers(name)
+
+
+@asynccontextmanager
 async def _gateway_process(database_url: str, **env: str) -> AsyncIterator[Gateway]:
-    name = f"sgbench-{secrets.token_hex(3)}"
     port = free_port()
     environment = {
         **os.environ,
         "GATEWAY_PORT": str(port),
-        "GATEWAY_NAME": name,
-        "SANDBOX_NETWORK": name,
-        "GATEWAY_JWT_SECRET": secrets.token_urlsafe(48),
         "DATABASE_URL": database_url,
         "GATEWAY_LOG_LEVEL": "WARNING",
         **env,
@@ -97,7 +116,6 @@ async def _gateway_process(database_url: str, **env: str) -> AsyncIterator[Gatew
     finally:
         process.send_signal(signal.SIGINT)
         await process.wait()
-        await remove_containers(name)
 
 
 async def _wait_healthy(url: str, timeout_s: float = 30.0) -> None:

@@ -129,10 +129,15 @@ class Sandboxes:
     async def reconcile(self) -> None:
         """Makes PostgreSQL and Docker agree after a restart: a running labelled container with a
         session is adopted as it is; one without is removed; a session whose container is gone is
-        marked stopped. Nothing depends on the memory of an earlier process."""
-        found = await containers.labelled(self._docker, self._settings)
+        marked stopped. Nothing depends on the memory of an earlier process.
+
+        The sessions are read before the containers are listed: another gateway may start a sandbox
+        in between, and a session read after the listing would name a container the listing missed,
+        which would then pass for gone. Read first, anything started since is simply not looked at,
+        and whatever changed since is re-read under the user's lock."""
         async with db.connection(self._pool) as conn:
             active = {s.user: s for s in await db.active_sessions(conn)}
+        found = await containers.labelled(self._docker, self._settings)
         for user, session in active.items():
             container = found.get(user)
             if container is None or container.id != session.container_id or not container.running:

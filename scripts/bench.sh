@@ -12,7 +12,8 @@ fi
 command -v wrk >/dev/null || apt_install wrk
 command -v curl >/dev/null || apt_install curl
 command -v npm >/dev/null || apt_install npm
+command -v haproxy >/dev/null || apt_install haproxy
 cd "$ROOT"
-for bench in lifecycle exec terminal proxy; do
+for bench in lifecycle exec terminal proxy api; do
     "$VENV/bin/python" -m "bench.$bench"
 done
