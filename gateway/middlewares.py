@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from .errors import GatewayError
@@ -30,7 +30,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, _code_for(exc.status), _message_for(exc))
+        # A 405 must say what is allowed (RFC 9110 15.5.6), in the header as well as in the message.
+        allow = {"Allow": exc.headers[hdrs.ALLOW]} if hdrs.ALLOW in exc.headers else None
+        return error_response(exc.status, _code_for(exc.status), _message_for(exc), allow)
     except Exception:
         # CancelledError is a BaseException and passes through untouched.
         log.exception("unhandled error in %s %s", request.method, request.path)

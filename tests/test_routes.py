@@ -49,6 +49,7 @@ async def test_unknown_path_and_method_get_json_errors(client: TestClient) -> No
     wrong_method = await client.put("/api/sandbox")
     assert wrong_method.status == 405
     assert (await wrong_method.json())["error"]["code"] == "method_not_allowed"
+    assert set(wrong_method.headers["Allow"].split(",")) == {"GET", "POST", "DELETE"}
 
 
 async def test_page_and_its_assets_are_served_without_a_token(client: TestClient, settings: Settings) -> None:
