@@ -8,7 +8,7 @@ import sys
 from aiohttp import web
 
 from .access_log import AccessLogger
-from .app import create_app
+from .app import SERVER_OPTIONS, create_app
 from .logs import configure_logging
 from .settings import Settings, SettingsError
 
@@ -25,6 +25,7 @@ def main() -> None:
         port=settings.port,
         access_log_class=AccessLogger,
         print=None,
+        **SERVER_OPTIONS,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiodocker
 import aiohttp
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 DOCKER_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
 # The largest body: an exec with the largest code and stdin, JSON-escaped, with room to spare.
 CLIENT_MAX_SIZE_FLOOR = 1024 * 1024
+# How the application is to be served (web.run_app, AppRunner, TestServer): request bodies stay as the
+# client sent them. The gateway takes no compressed body (schemas.check_identity_coding), and aiohttp's
+# decoding, on by default, answers a broken coding itself, outside the app, or leaves the connection
+# hanging when the coding breaks at the body's end.
+SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -57,7 +57,11 @@ class ProjectBody(StrictModel):
 async def parse_body(request: web.Request, model: type[Model], *, optional: bool = False) -> Model:
     """The request's JSON body as `model`; InvalidRequest names the offending field."""
     content_type = request.headers.get("Content-Type")
-    body = await request.read()
+    check_identity_coding(request)
+    try:
+        body = await request.read()
+    except web.RequestPayloadError:
+        raise InvalidRequest("body: cut short before its announced end") from None
     if optional and not body.strip():
         return model()
     if content_type is not None and request.content_type != "application/json":
@@ -66,6 +70,16 @@ async def parse_body(request: web.Request, model: type[Model], *, optional: bool
         return model.model_validate_json(body)
     except pydantic.ValidationError as err:
         raise InvalidRequest(_describe(err)) from None
+
+
+def check_identity_coding(request: web.Request) -> None:
+    """Refuses a compressed request body before anything reads it. aiohttp would decode it while
+    reading (a gzip bomb, and a broken coding that aiohttp's parser answers itself or never), and a
+    proxy that passed on decoded bytes under the original length would let the dev server read the
+    rest as a second request."""
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {coding}: send the body uncompressed")
 
 
 def _describe(err: pydantic.ValidationError) -> str:

@@ -17,10 +17,10 @@ from pathlib import Path
 import aiodocker
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Browser, Page, async_playwright
 
-from gateway.app import create_app
+from gateway.app import SERVER_OPTIONS, create_app
 from gateway.containers import remove_deployment
 from gateway.settings import ExecSettings, SandboxLimits, Settings
 
@@ -186,7 +186,10 @@ async def make_client(settings: Settings, aiohttp_client: Callable[..., Awaitabl
         port = next(ports, None) or free_port()
         changes.setdefault("public_url", f"http://sandbox.localhost:{port}")
         app = create_app(replace(settings, port=port, **changes))  # type: ignore[arg-type]
-        return await aiohttp_client(app, server_kwargs={"port": port})
+        # Started here: aiohttp_client passes no runner options (SERVER_OPTIONS) on to the server.
+        server = TestServer(app, port=port)
+        await server.start_server(**SERVER_OPTIONS)
+        return await aiohttp_client(server)
 
     return make
 
