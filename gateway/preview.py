@@ -24,6 +24,7 @@ from yarl import URL
 from .errors import Forbidden, GatewayError, InvalidRequest
 from .keys import ACTIVITY, METRICS, PREVIEW_KEY, SANDBOXES, SETTINGS, UPSTREAM
 from .preview_auth import LOGIN_PATH, authorize_viewer, rewrite_set_cookie, strip_preview_cookie
+from .schemas import check_identity_coding
 from .tokens import USER_PATTERN
 from .upstream import UpstreamError
 
@@ -84,6 +85,8 @@ class Target:
 
 
 async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.StreamResponse:
+    if request.body_exists:
+        check_identity_coding(request)
     headers = _request_headers(request)
     chunked = request.body_exists and hdrs.CONTENT_LENGTH not in request.headers
     if chunked:
