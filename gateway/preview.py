@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import re
 from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
@@ -40,6 +42,7 @@ HOP_BY_HOP = frozenset(
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"service-worker-allowed"}
 # Responses whose Content-Length describes no body of theirs: aiohttp must not recompute it.
 BODILESS_STATUSES = frozenset({204, 304})
+DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:[/\\]|$)")
 UPSTREAM_CONNECT_S = 10.0
 UPGRADE_HEAD_LIMIT = 64 * 1024
 SPLICE_CHUNK = 256 * 1024
@@ -58,8 +61,9 @@ async def preview(request: web.Request) -> web.StreamResponse:
     prefix = f"/preview/{user}/"
     raw_path = request.rel_url.raw_path
     # Matching happened on the decoded, normalised path; what goes upstream is the raw one, so both
-    # must agree on whose preview this is (no encoded or dotted tricks across users).
-    if not raw_path.startswith(prefix) or "/../" in raw_path or raw_path.endswith("/.."):
+    # must agree on whose preview this is, and the raw one must hold no dot segment, plain or encoded,
+    # that a dev server decoding it could climb out of the prefix with (browsers send none).
+    if not raw_path.startswith(prefix) or DOT_SEGMENT.search(unquote(raw_path)):
         raise InvalidRequest("malformed preview path")
     if request.host != settings.preview_host and "Authorization" not in request.headers:
         # A browser on the main origin: previews render only on the preview origin.

@@ -167,6 +167,52 @@ async def _bob_untouched(gateway: Gateway, before: int) -> None:
 
 # -- paths -------------------------------------------------------------------------------------------
 
+PATH_TRICKS = [
+    "/preview/alice/../bob/echo",
+    "/preview/alice/%2e%2e/bob/echo",
+    "/preview/alice/%2E%2E/bob/echo",
+    "/preview/alice/.%2e/bob/echo",
+    "/preview/alice/%2e%2e%2fbob/echo",
+    "/preview/alice%2F..%2Fbob/echo",
+    "/preview/alice%2fbob/echo",
+    "/preview/alice/..%2Fbob/echo",
+    "/preview/alice/..%5Cbob/echo",
+    "/preview/alice/..\\bob/echo",
+    "/preview/bob/../alice/echo",
+    "/preview//bob/echo",
+    "//preview/bob/echo",
+    "/preview/alice//../bob/echo",
+    "/preview/./bob/echo",
+    "/preview/%62ob/echo",
+    "/preview/bob%00/echo",
+    "/preview/alice/%2e%2e/%2e%2e/preview/bob/echo",
+    "http://preview.sandbox.localhost/preview/bob/echo",
+    "/preview/alice/../../preview/bob/echo",
+    "/preview/alice/;/../bob/echo",
+    "/preview/alice/echo/../../bob/echo",
+    "/preview/alice/%2e%2e",
+    "/preview/alice/sub/%2e",
+]
+
+
+async def test_path_tricks_never_reach_bobs_sandbox_with_alices_token(gateway: Gateway) -> None:
+    bob_before = len(await gateway.seen(gateway.bob))
+    alice_before = len(await gateway.seen(gateway.alice))
+    for target in PATH_TRICKS:
+        responses = await exchange(gateway.port, gateway.request(target))
+        assert len(responses) == 1, (target, responses)
+        response = responses[0]
+        # Refused by the gateway itself: no dev server answered, not even alice's own.
+        assert "x-sandbox-user" not in response.headers, (target, response)
+        assert response.status in (400, 403, 404), (target, response)
+        assert response.json()["error"]["code"] in ("invalid_request", "forbidden", "not_found"), response
+    await _bob_untouched(gateway, bob_before)
+    assert len(await gateway.seen(gateway.alice)) == alice_before
+    # Dot segments, plain or encoded, are refused as such, not merely routed somewhere harmless.
+    for target in ("/preview/alice/../bob/echo", "/preview/alice/%2e%2e/bob/echo", "/preview/alice/.%2E/x"):
+        (response,) = await exchange(gateway.port, gateway.request(target))
+        assert (response.status, response.json()["error"]["message"]) == (400, "malformed preview path")
+
 
 async def test_encoded_slashes_and_doubled_slashes_stay_under_the_owners_prefix(gateway: Gateway) -> None:
     for target in ("/preview/alice/a%2Fb/echo", "/preview/alice//echo", "/preview/alice/echo//x"):
