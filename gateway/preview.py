@@ -42,6 +42,9 @@ HOP_BY_HOP = frozenset(
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"service-worker-allowed"}
 # Responses whose Content-Length describes no body of theirs: aiohttp must not recompute it.
 BODILESS_STATUSES = frozenset({204, 304})
+# The gateway alone says where a request came from, in X-Forwarded-*: a client's own claims in these
+# would reach the dev server as if the gateway had made them.
+CLIENT_FORWARDING_HEADERS = frozenset({"forwarded", "x-real-ip"})
 DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:[/\\]|$)")
 UPSTREAM_CONNECT_S = 10.0
 UPGRADE_HEAD_LIMIT = 64 * 1024
@@ -141,7 +144,7 @@ def _request_headers(request: web.Request) -> CIMultiDict[str]:
             value = strip_preview_cookie(value)
             if not value:
                 continue
-        if lowered.startswith("sec-websocket-") or lowered.startswith("x-forwarded-"):
+        if lowered.startswith(("sec-websocket-", "x-forwarded-")) or lowered in CLIENT_FORWARDING_HEADERS:
             continue
         headers.add(name, value)
     headers[hdrs.HOST] = UPSTREAM_HOST

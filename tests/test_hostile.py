@@ -282,6 +282,49 @@ async def test_cr_lf_in_headers_is_refused_and_never_injects_upstream(gateway: G
     assert "injected" not in {name for name, _ in _headers_of(forwarded)}
 
 
+async def test_forwarded_headers_from_the_client_cannot_inject(gateway: Gateway) -> None:
+    echoed = await gateway.alice.echo(
+        headers={
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Host": "evil.example",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Port": "443",
+            "X-Forwarded-Prefix": "/preview/bob/",
+            "X-Forwarded-Server": "evil",
+            "Forwarded": "for=6.6.6.6;host=evil.example;proto=https",
+            "X-Real-IP": "6.6.6.6",
+        }
+    )
+    headers = echoed["headers"]
+    assert headers["x-forwarded-host"] == gateway.settings.preview_host
+    assert headers["x-forwarded-proto"] == "http"
+    # The client's own chain may come first, but the last hop is the one the gateway saw.
+    assert headers["x-forwarded-for"].split(", ")[-1] == "127.0.0.1"
+    for dropped in ("x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server", "forwarded", "x-real-ip"):
+        assert dropped not in headers, dropped
+    # Several X-Forwarded-* of one name do not add up to a second value either.
+    raw = gateway.request(
+        "/preview/alice/echo",
+        headers=[
+            "X-Forwarded-Host: evil.example",
+            "X-Forwarded-Host: evil2.example",
+            "X-Forwarded-Proto: https",
+        ],
+    )
+    (response,) = await exchange(gateway.port, raw)
+    assert response.status == 200
+    forwarded = [
+        h for h in _headers_of((await gateway.seen(gateway.alice))[-1]) if h[0].startswith("x-forwarded")
+    ]
+    assert sorted(forwarded) == sorted(
+        [
+            ("x-forwarded-for", "127.0.0.1"),
+            ("x-forwarded-host", gateway.settings.preview_host),
+            ("x-forwarded-proto", "http"),
+        ]
+    )
+
+
 # -- smuggling ---------------------------------------------------------------------------------------
 
 
