@@ -42,6 +42,9 @@ HOP_BY_HOP = frozenset(
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"service-worker-allowed"}
 # Responses whose Content-Length describes no body of theirs: aiohttp must not recompute it.
 BODILESS_STATUSES = frozenset({204, 304})
+# Host is the dev server's own, the credentials are the gateway's, and aiohttp has met the client's
+# Expect: 100-continue already (the dev server's own 100 would come after it, as a second answer).
+REPLACED_REQUEST_HEADERS = frozenset({"host", "authorization", "expect"})
 # The gateway alone says where a request came from, in X-Forwarded-*: a client's own claims in these
 # would reach the dev server as if the gateway had made them.
 CLIENT_FORWARDING_HEADERS = frozenset({"forwarded", "x-real-ip"})
@@ -138,7 +141,7 @@ def _request_headers(request: web.Request) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in connection_listed or lowered in ("host", "authorization"):
+        if lowered in HOP_BY_HOP or lowered in connection_listed or lowered in REPLACED_REQUEST_HEADERS:
             continue
         if lowered == "cookie":
             value = strip_preview_cookie(value)

@@ -60,6 +60,7 @@ class _Connection(asyncio.Protocol):
         self._failed: BaseException | None = None
         self._readable = asyncio.Event()
         self._skip_body = False
+        self._interim = False
         self._keep_alive = False
         self._writable = asyncio.Event()
         self._writable.set()
@@ -72,8 +73,9 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._complete:
-            # Bytes after a complete response with no request in flight: the connection is unusable.
+        if self._complete or self._head is None:
+            # Bytes after a complete response, or with no request in flight, answer nothing we asked:
+            # read as the next request's answer, they would hand one request another's response.
             self.close()
             return
         try:
@@ -99,6 +101,12 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status < 200:
+            # An interim response (100 Continue, 103 Early Hints) is not the answer: the final one
+            # follows it on the same connection.
+            self._interim = True
+            self._headers = []
+            return
         # Asked now: once the message is complete, llhttp has reset and answers False.
         self._keep_alive = self._parser.should_keep_alive()
         if self._head is not None and not self._head.done():
@@ -116,6 +124,9 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self._complete = True
         self._readable.set()
 
@@ -141,12 +152,19 @@ class _Connection(asyncio.Protocol):
         self._skip_body = method == "HEAD"
         self._transport.write(head)
         if body is not None:
-            async for chunk in body:
-                if self.closed:
-                    break
-                self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                # The upload goes only as fast as the dev server takes it.
-                await self._writable.wait()
+            try:
+                async for chunk in body:
+                    if self.closed:
+                        break
+                    self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    # The upload goes only as fast as the dev server takes it.
+                    await self._writable.wait()
+            except BaseException:
+                # The request went out in part: this connection can carry nothing more, and nobody
+                # will wait for its answer.
+                self._head.cancel()
+                self.close()
+                raise
             if chunked and not self.closed:
                 self._transport.write(b"0\r\n\r\n")
         return await self._head

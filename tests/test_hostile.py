@@ -504,3 +504,28 @@ async def test_pipelined_requests_are_each_authenticated(gateway: Gateway) -> No
     responses = await exchange(gateway.port, third_with_alices_token)
     assert [response.status for response in responses] == [403]
     await _bob_untouched(gateway, bob_before)
+
+
+# -- interim answers ---------------------------------------------------------------------------------
+
+
+async def test_expect_100_continue_gets_one_final_answer(gateway: Gateway) -> None:
+    upload = b"u" * 1000
+    raw = gateway.request(
+        "/preview/alice/echo",
+        method="POST",
+        headers=["Expect: 100-continue", f"Content-Length: {len(upload)}"],
+    )
+    responses = await exchange(gateway.port, raw + upload)
+    # aiohttp's own 100 Continue, then the dev server's answer; not the dev server's 100 as the answer.
+    assert [response.status for response in responses] == [100, 200]
+    assert responses[1].json()["size"] == len(upload)
+    assert "expect" not in responses[1].json()["headers"]
+    followup = await gateway.alice.echo(path="echo?followup")
+    assert followup["url"] == "/preview/alice/echo?followup"
+
+
+async def test_early_hints_are_not_taken_for_the_answer(gateway: Gateway) -> None:
+    assert await gateway.alice.echo(path="early-hints") == {"hinted": True}
+    followup = await gateway.alice.echo(path="echo?followup")
+    assert followup["url"] == "/preview/alice/echo?followup"

@@ -3,6 +3,7 @@ chunked request bodies, and failures. No Docker needed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -92,5 +93,92 @@ async def test_failures_are_upstream_errors(server: TestServer) -> None:
             await fetch(pool, unused, "GET", "/")
         with pytest.raises(UpstreamError):
             await fetch(pool, server.port, "GET", "/cut")
+    finally:
+        pool.close()
+
+
+class ScriptedServer:
+    """A raw HTTP/1.1 server that answers each path with bytes of its choosing, for answers no
+    well-behaved server gives: interim responses, and an answer nobody asked for."""
+
+    def __init__(self) -> None:
+        self.stray = asyncio.Event()
+        self.closed_by_client = asyncio.Event()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                path = head.split(b" ", 2)[1]
+                if path == b"/interim":
+                    writer.write(
+                        b"HTTP/1.1 100 Continue\r\n\r\n"
+                        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+                    )
+                elif path == b"/stray":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                    await self.stray.wait()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+        except asyncio.IncompleteReadError:
+            self.closed_by_client.set()
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[ScriptedServer, int]]:
+    script = ScriptedServer()
+    server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
+    try:
+        yield script, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_interim_responses_are_not_the_answer(scripted: tuple[ScriptedServer, int]) -> None:
+    _, port = scripted
+    pool = UpstreamPool()
+    try:
+        assert await fetch(pool, port, "GET", "/interim") == (200, b"final")
+        # The connection stays in step: the next request gets its own answer.
+        assert await fetch(pool, port, "GET", "/next") == (200, b"/next")
+    finally:
+        pool.close()
+
+
+async def test_an_answer_to_nothing_asked_ends_the_connection(scripted: tuple[ScriptedServer, int]) -> None:
+    script, port = scripted
+    pool = UpstreamPool()
+    try:
+        assert await fetch(pool, port, "GET", "/stray") == (200, b"first")
+        # The connection is idle in the pool when the stray answer arrives: it must not be kept for
+        # the next request, which would take the stray answer for its own.
+        script.stray.set()
+        async with asyncio.timeout(10):
+            await script.closed_by_client.wait()
+        assert await fetch(pool, port, "GET", "/next") == (200, b"/next")
+    finally:
+        pool.close()
+
+
+async def test_an_upload_that_fails_midway_ends_the_connection(scripted: tuple[ScriptedServer, int]) -> None:
+    script, port = scripted
+    pool = UpstreamPool()
+
+    async def failing_upload() -> AsyncIterator[bytes]:
+        yield b"part of a body"
+        raise ConnectionResetError("the client went away")
+
+    head = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    try:
+        with pytest.raises(ConnectionResetError):
+            await pool.request(port, head, failing_upload(), chunked=True, method="POST")
+        # Half a request went out: the connection is closed, not left for the server to wait on.
+        async with asyncio.timeout(10):
+            await script.closed_by_client.wait()
+        assert await fetch(pool, port, "GET", "/next") == (200, b"/next")
     finally:
         pool.close()
