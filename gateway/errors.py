@@ -5,6 +5,7 @@
     ├── Unauthorized                  401 unauthorized
     ├── Forbidden                     403 forbidden
     ├── SandboxNotFound               404 sandbox_not_found
+    ├── RequestTimeout                408 request_timeout
     ├── SandboxNotRunning             409 sandbox_not_running
     ├── ProjectExists                 409 project_exists
     ├── PayloadTooLarge               413 payload_too_large
@@ -56,6 +57,16 @@ class Forbidden(GatewayError):
 class SandboxNotFound(GatewayError):
     status = 404
     code = "sandbox_not_found"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    code = "request_timeout"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        # What is left of the request on the connection cannot be told from the next one.
+        return {"Connection": "close"}
 
 
 class SandboxNotRunning(GatewayError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any, Literal, TypeVar
 
@@ -9,11 +10,13 @@ import pydantic
 from aiohttp import web
 
 from .db import Session
-from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from .execute import ExecRequest, ExecResult
 from .settings import Settings
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
+# The largest body (a couple of MiB) arrives in well under this, even over a slow link.
+BODY_READ_TIMEOUT_S = 30.0
 
 
 class StrictModel(pydantic.BaseModel):
@@ -59,9 +62,15 @@ async def parse_body(request: web.Request, model: type[Model], *, optional: bool
     content_type = request.headers.get("Content-Type")
     check_identity_coding(request)
     try:
-        body = await request.read()
+        # Bounded: aiohttp leaves a read waiting for good when a chunked body turns to garbage midway
+        # (its parser reports the error to the next request, not to this one), and a body that
+        # trickles in would hold the handler as long.
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            body = await request.read()
     except web.RequestPayloadError:
         raise InvalidRequest("body: cut short before its announced end") from None
+    except TimeoutError:
+        raise RequestTimeout(f"body: not complete within {BODY_READ_TIMEOUT_S:g} s") from None
     if optional and not body.strip():
         return model()
     if content_type is not None and request.content_type != "application/json":

@@ -30,9 +30,10 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi import checks as openapi_checks
 
+from gateway import schemas
 from gateway.settings import ExecSettings, RateLimit
 
-from .helpers import JWT_SECRET, MakeClient, auth
+from .helpers import JWT_SECRET, MakeClient, auth, poll
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -328,6 +329,43 @@ async def test_compressed_bodies_are_refused_before_they_are_read(gateway: TestC
         assert status_line == b"HTTP/1.1 415 Unsupported Media Type", (path, answer)
         body = json.loads(rest.partition(b"\r\n\r\n")[2])
         assert body["error"]["code"] == "unsupported_media_type", body
+
+
+async def test_a_body_garbled_midway_is_408_not_a_handler_waiting_for_good(
+    gateway: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp hands a chunk-size error in the middle of a body to the next request on the
+    connection, never to the handler reading this one: without a bound the read waits for good."""
+    monkeypatch.setattr(schemas, "BODY_READ_TIMEOUT_S", 1.0)
+    assert gateway.server.runner is not None
+    server = gateway.server.runner.server
+    assert server is not None
+    handled_before = server.requests_count
+    head = (
+        f"POST /api/sandbox/exec HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {_token('alice')}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(head.encode() + b'3\r\n{"l\r\n')
+        await writer.drain()
+        # The garbage must come after aiohttp has handed the request to a handler.
+
+        async def handed_over() -> bool:
+            return server.requests_count > handled_before
+
+        await poll(handed_over)
+        writer.write(b"not a chunk size\r\n")
+        async with asyncio.timeout(10):
+            answer = await reader.readuntil(b"\r\n\r\n")
+            length = int(answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    # What is left of the request on the connection cannot be told from the next one.
+    assert b"\r\nConnection: close\r\n" in answer, answer
+    assert body["error"]["code"] == "request_timeout", body
 
 
 def _undocumented_methods(base_url: str, token: str) -> dict[str, requests.Response]:
