@@ -27,6 +27,9 @@ async def list_sandboxes(request: web.Request) -> web.Response:
         raise InvalidRequest(f"state: must be one of {', '.join(STATES)}")
     limit = _page_size(request.query.get("limit"))
     after = request.query.get("after", "")
+    # A user name, as `next` gives: anything else (a NUL, which PostgreSQL refuses in text) is a 400.
+    if after and not USER_PATTERN.fullmatch(after):
+        raise InvalidRequest("after: not a user name; pass the `next` of the previous page")
     async with db.connection(request.app[DB]) as conn:
         sessions = await db.list_sessions(conn, state=state, after=after, limit=limit)
     items = [_admin_json(request, session) for session in sessions]

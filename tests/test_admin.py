@@ -100,6 +100,8 @@ async def test_admin_routes_refuse_everyone_else(client: TestClient, method: str
         "/api/admin/sandboxes?limit=0",
         "/api/admin/sandboxes?limit=abc",
         "/api/admin/sandboxes?limit=100000",
+        "/api/admin/sandboxes?after=%00",
+        "/api/admin/sandboxes?after=..%2Fbob",
         "/api/admin/sandboxes/..%2Fbob",
         "/api/admin/sandboxes/alice?purge=maybe",
     ],
