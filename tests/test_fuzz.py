@@ -123,20 +123,20 @@ def _token(user: str, *, admin: bool = False) -> str:
 # (operationId, positive examples, negative examples, whose token, whether the user's sandbox runs).
 # Operations without parameters or a body have nothing to make invalid: no negative examples.
 OPERATIONS = [
-    ("startSandbox", 15, 40, "user", False),
+    ("startSandbox", 25, 80, "user", False),
     ("getSandbox", 5, 0, "user", False),
-    ("stopSandbox", 15, 40, "user", True),
-    ("execSnippet", 25, 60, "user", True),
+    ("stopSandbox", 25, 80, "user", True),
+    ("execSnippet", 40, 120, "user", True),
     ("health", 3, 0, "user", False),
     ("openapi", 3, 0, "user", False),
-    ("openTerminal", 20, 40, "user", True),
+    ("openTerminal", 30, 80, "user", True),
     ("previewSession", 5, 0, "user", False),
     # The user's sandbox is not running, so a valid body ends in 409, never in `npm create` from the
     # registry (minutes); the templates themselves have their own tests.
-    ("createProject", 20, 60, "user", False),
-    ("adminListSandboxes", 25, 50, "admin", True),
-    ("adminGetSandbox", 20, 40, "admin", True),
-    ("adminStopSandbox", 20, 40, "admin", True),
+    ("createProject", 40, 120, "user", False),
+    ("adminListSandboxes", 40, 100, "admin", True),
+    ("adminGetSandbox", 30, 80, "admin", True),
+    ("adminStopSandbox", 30, 80, "admin", True),
     ("metrics", 3, 0, "metrics", False),
 ]
 
@@ -234,7 +234,7 @@ async def test_fuzz_without_a_valid_token_is_always_401(gateway: TestClient) -> 
     # Other users' sandboxes run: a bad token reaches none of them, nor the admin routes.
     for user in ("alice", "mallory"):
         assert (await gateway.post("/api/sandbox", headers=auth(user))).status == 201
-    operations = await asyncio.to_thread(_fuzz_without_a_valid_token, _base_url(gateway), 150)
+    operations = await asyncio.to_thread(_fuzz_without_a_valid_token, _base_url(gateway), 300)
     assert len(operations) >= len(USER_OPERATIONS) // 2, operations
 
 
@@ -303,7 +303,7 @@ def _fuzz_raw_bodies(base_url: str, token: str, max_examples: int) -> Counter[in
 
 
 async def test_fuzz_raw_bodies(gateway: TestClient) -> None:
-    statuses = await asyncio.to_thread(_fuzz_raw_bodies, _base_url(gateway), _token("alice"), 150)
+    statuses = await asyncio.to_thread(_fuzz_raw_bodies, _base_url(gateway), _token("alice"), 300)
     assert statuses[400], statuses
     assert statuses[415], statuses
 
