@@ -71,7 +71,8 @@ async def parse_body(request: web.Request, model: type[Model], *, optional: bool
         raise InvalidRequest("body: cut short before its announced end") from None
     except TimeoutError:
         raise RequestTimeout(f"body: not complete within {BODY_READ_TIMEOUT_S:g} s") from None
-    if optional and not body.strip():
+    # No body at all is no options; whitespace is not JSON.
+    if optional and not body:
         return model()
     if content_type is not None and request.content_type != "application/json":
         raise UnsupportedMediaType("send the body as application/json")

@@ -181,3 +181,12 @@ async def test_start_rejects_a_body_with_fields(client: TestClient) -> None:
     response = await client.post("/api/sandbox", headers=auth("alice"), json={"image": "evil"})
     assert response.status == 400
     assert "image: unknown field" in (await response.json())["error"]["message"]
+
+
+async def test_start_takes_no_body_or_json_but_not_whitespace(client: TestClient) -> None:
+    json_type = {"Content-Type": "application/json"}
+    blank = await client.post("/api/sandbox", headers={**auth("alice"), **json_type}, data=b"\r\n\r\n")
+    assert blank.status == 400
+    assert (await blank.json())["error"]["code"] == "invalid_request"
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    assert (await client.post("/api/sandbox", headers=auth("alice"), json={})).status == 200
