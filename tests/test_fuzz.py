@@ -69,6 +69,19 @@ def _error_envelope(status: int, content_type: str | None, content: bytes) -> No
     assert body["error"]["message"], body
 
 
+def fuzz_settings(max_examples: int) -> hypothesis.settings:
+    """What every fuzz here runs under: bounded, no example database between runs, each request within
+    the timeout, and the blob printed so that a failure can be replayed."""
+    return hypothesis.settings(
+        max_examples=max_examples,
+        deadline=timedelta(seconds=REQUEST_TIMEOUT_S),
+        database=None,
+        print_blob=True,
+        suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.filter_too_much],
+        phases=[hypothesis.Phase.generate, hypothesis.Phase.shrink],
+    )
+
+
 def _fuzz_operation(
     operation_id: str, base_url: str, token: str, mode: GenerationMode, max_examples: int
 ) -> Counter[int]:
@@ -79,14 +92,7 @@ def _fuzz_operation(
     # credentials (bad credentials have a test of their own, below).
     headers = {"Authorization": f"Bearer {token}"}
 
-    @hypothesis.settings(
-        max_examples=max_examples,
-        deadline=timedelta(seconds=REQUEST_TIMEOUT_S),
-        database=None,
-        print_blob=True,
-        suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.filter_too_much],
-        phases=[hypothesis.Phase.generate, hypothesis.Phase.shrink],
-    )
+    @fuzz_settings(max_examples)
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode, headers=headers))
     def run(case: schemathesis.Case) -> None:
         sent = {"base_url": base_url, "session": session, "headers": headers}
@@ -203,14 +209,7 @@ def _fuzz_without_a_valid_token(base_url: str, max_examples: int) -> Counter[str
     bad_tokens = _bad_tokens()
     operations: Counter[str] = Counter()
 
-    @hypothesis.settings(
-        max_examples=max_examples,
-        deadline=timedelta(seconds=REQUEST_TIMEOUT_S),
-        database=None,
-        print_blob=True,
-        suppress_health_check=[hypothesis.HealthCheck.too_slow],
-        phases=[hypothesis.Phase.generate, hypothesis.Phase.shrink],
-    )
+    @fuzz_settings(max_examples)
     @hypothesis.given(
         case=st.one_of([operation.as_strategy() for operation in USER_OPERATIONS]),
         which=st.sampled_from(sorted(bad_tokens)),
@@ -265,14 +264,7 @@ def _fuzz_raw_bodies(base_url: str, token: str, max_examples: int) -> Counter[in
     type, content codings real or only claimed. A documented 4xx in the envelope, never a 5xx."""
     statuses: Counter[int] = Counter()
 
-    @hypothesis.settings(
-        max_examples=max_examples,
-        deadline=timedelta(seconds=REQUEST_TIMEOUT_S),
-        database=None,
-        print_blob=True,
-        suppress_health_check=[hypothesis.HealthCheck.too_slow],
-        phases=[hypothesis.Phase.generate, hypothesis.Phase.shrink],
-    )
+    @fuzz_settings(max_examples)
     @hypothesis.given(
         path=st.sampled_from(sorted(BODY_OPERATIONS)),
         body=st.binary(max_size=300) | JSON_VALUES.map(lambda value: json.dumps(value).encode()),
