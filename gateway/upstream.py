@@ -201,6 +201,10 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._headers, self._head, self._complete = [], None, False
         self.idle_since = time.monotonic()
+        # A body taken whole (complete_body) may have paused reading on its way past HIGH_WATER; a
+        # pooled connection must read, or the next request's answer would never arrive.
+        if self._transport is not None:
+            self._transport.resume_reading()
         self._pool.release(self)
 
 

@@ -12,9 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.upstream import UpstreamError, UpstreamPool
+from gateway.upstream import HIGH_WATER, UpstreamError, UpstreamPool
 
-from .helpers import free_port
+from .helpers import free_port, poll
 
 
 async def echo(request: web.Request) -> web.StreamResponse:
@@ -115,6 +115,9 @@ class ScriptedServer:
                         b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
                         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
                     )
+                elif path == b"/just-past-high-water":
+                    body = b"x" * (HIGH_WATER + 1)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
                 elif path == b"/stray":
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
                     await self.stray.wait()
@@ -180,5 +183,31 @@ async def test_an_upload_that_fails_midway_ends_the_connection(scripted: tuple[S
         async with asyncio.timeout(10):
             await script.closed_by_client.wait()
         assert await fetch(pool, port, "GET", "/next") == (200, b"/next")
+    finally:
+        pool.close()
+
+
+async def test_a_body_taken_whole_past_the_high_water_mark_leaves_the_connection_reading(
+    scripted: tuple[ScriptedServer, int],
+) -> None:
+    _, port = scripted
+    pool = UpstreamPool()
+    try:
+        head = b"GET /just-past-high-water HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        response = await pool.request(port, head, None, chunked=False, method="GET")
+        # One byte past the mark: reading pauses only as the last byte arrives, with the message complete.
+        whole: list[bytes] = []
+
+        async def taken() -> bool:
+            body = response.complete_body()
+            if body is not None:
+                whole.append(body)
+            return bool(whole)
+
+        await poll(taken)
+        assert len(whole[0]) == HIGH_WATER + 1
+        # The connection went back to the pool; the next request on it must be read, not hang.
+        async with asyncio.timeout(10):
+            assert await fetch(pool, port, "GET", "/next") == (200, b"/next")
     finally:
         pool.close()
