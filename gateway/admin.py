@@ -13,7 +13,6 @@ from .keys import DB, SANDBOXES, SETTINGS
 from .schemas import parse_purge, session_json
 from .tokens import USER_PATTERN
 
-STATES = ("starting", "running", "stopping", "stopped")
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 
@@ -23,8 +22,8 @@ async def list_sandboxes(request: web.Request) -> web.Response:
     order; `next` is the `after` of the following page, null on the last one."""
     require_admin(request)
     state = request.query.get("state")
-    if state is not None and state not in STATES:
-        raise InvalidRequest(f"state: must be one of {', '.join(STATES)}")
+    if state is not None and state not in db.SESSION_STATES:
+        raise InvalidRequest(f"state: must be one of {', '.join(db.SESSION_STATES)}")
     limit = _page_size(request.query.get("limit"))
     after = request.query.get("after", "")
     # A user name, as `next` gives: anything else (a NUL, which PostgreSQL refuses in text) is a 400.

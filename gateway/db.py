@@ -45,6 +45,10 @@ CONNECTION_ERRORS = (
 Connection = asyncpg.Connection | PoolConnectionProxy
 
 
+# The states of a session row, as the sessions table's CHECK constraint lists them.
+SESSION_STATES = ("starting", "running", "stopping", "stopped")
+
+
 @dataclass(frozen=True)
 class Session:
     user: str

@@ -18,7 +18,6 @@ from .errors import DatabaseUnavailable, DockerFailed, DockerUnavailable, Gatewa
 log = logging.getLogger(__name__)
 
 PREFIX = "sandbox_gateway"
-STATES = ("starting", "running", "stopping", "stopped")
 
 
 class Metrics:
@@ -112,7 +111,7 @@ class Metrics:
             log.warning("metrics: %s", err.message)
             self.database_errors.inc()
             return
-        for state in STATES:
+        for state in db.SESSION_STATES:
             self.sandboxes.labels(state).set(counts.get(state, 0))
 
     async def exposition(self, pool: asyncpg.Pool) -> bytes:

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .auth import bearer_token
 from .errors import Unauthorized
 from .keys import DB, METRICS, SETTINGS
 
@@ -42,8 +43,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     token = request.app[SETTINGS].metrics_token
     if token is None:
         raise web.HTTPNotFound()
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), token.encode()):
+    if not hmac.compare_digest(bearer_token(request).encode(), token.encode()):
         raise Unauthorized("send Authorization: Bearer <GATEWAY_METRICS_TOKEN>")
     return _response(await request.app[METRICS].exposition(request.app[DB]))
 
