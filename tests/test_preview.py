@@ -67,17 +67,22 @@ class Preview:
         return body
 
 
-@pytest.fixture
-async def preview(client: TestClient, settings: Settings, docker: aiodocker.Docker) -> Preview:
+async def ready_preview(client: TestClient, settings: Settings, docker: aiodocker.Docker) -> Preview:
+    """Alice's sandbox, started, with the fixture server answering on its preview."""
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
     await start_upstream(client, docker, "alice")
     alice = Preview(client, settings, "alice")
-
-    async def listening() -> bool:
-        return (await alice.request("GET", "echo")).status == 200
-
-    await poll(listening, timeout_s=20)
+    await poll(lambda: listening(alice), timeout_s=20)
     return alice
+
+
+async def listening(preview: Preview) -> bool:
+    return (await preview.request("GET", "echo")).status == 200
+
+
+@pytest.fixture
+async def preview(client: TestClient, settings: Settings, docker: aiodocker.Docker) -> Preview:
+    return await ready_preview(client, settings, docker)
 
 
 async def test_methods_bodies_and_query_strings_pass_untouched(preview: Preview) -> None:
@@ -289,52 +294,46 @@ async def test_busy_preview_makes_no_write_storm(
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
     await start_upstream(client, docker, "alice")
     preview = Preview(client, settings, "alice")
-    async with client.app[DB].acquire() as conn:
-        await conn.execute("UPDATE sessions SET last_activity = '2000-01-01'")
+    # Idle before the first preview request, whose activity write the 200 below must then not repeat.
+    await set_idle(client)
     before = client.app[ACTIVITY].writes
-    await poll(lambda: _ok(preview))
+    await poll(lambda: listening(preview))
     for _ in range(200):
         assert (await preview.request("GET", "echo")).status == 200
     # 200 requests in a few seconds: at most a write or two, and last_activity did move.
     assert client.app[ACTIVITY].writes - before <= 2
+    assert await activity_moved(client)
+
+
+async def set_idle(client: TestClient) -> None:
+    """Sets last_activity far back, so that any activity recorded after shows."""
     async with client.app[DB].acquire() as conn:
-        assert await conn.fetchval("SELECT last_activity > '2001-01-01' FROM sessions")
+        await conn.execute("UPDATE sessions SET last_activity = '2000-01-01'")
 
 
-async def _ok(preview: Preview) -> bool:
-    return (await preview.request("GET", "echo")).status == 200
+async def activity_moved(client: TestClient) -> bool:
+    async with client.app[DB].acquire() as conn:
+        return bool(await conn.fetchval("SELECT last_activity > '2001-01-01' FROM sessions"))
 
 
 async def test_preview_websocket_traffic_counts_as_activity_and_silence_does_not(
     make_client: MakeClient, settings: Settings, docker: aiodocker.Docker
 ) -> None:
     client = await make_client(activity_interval_s=0.2)
-    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
-    await start_upstream(client, docker, "alice")
-    preview = Preview(client, settings, "alice")
-    await poll(lambda: _ok(preview))
+    preview = await ready_preview(client, settings, docker)
     ws = await client.ws_connect(preview.url("ws"), headers={"Host": preview.host, **auth("alice")})
-
-    async def set_idle() -> None:
-        async with client.app[DB].acquire() as conn:
-            await conn.execute("UPDATE sessions SET last_activity = '2000-01-01'")
-
-    async def moved() -> bool:
-        async with client.app[DB].acquire() as conn:
-            return bool(await conn.fetchval("SELECT last_activity > '2001-01-01' FROM sessions"))
-
-    await set_idle()
+    await set_idle(client)
 
     async def chatting() -> bool:
         await ws.send_str("ping")
         assert (await ws.receive()).data == "ping"
-        return await moved()
+        return await activity_moved(client)
 
     await poll(chatting, timeout_s=10)
     # Observation windows, not synchronisation: let the recorder note the last bytes of the chat, then
     # watch five recording intervals of an open, silent socket.
     await asyncio.sleep(0.5)
-    await set_idle()
+    await set_idle(client)
     await asyncio.sleep(1.0)
-    assert not await moved()
+    assert not await activity_moved(client)
     await ws.close()
