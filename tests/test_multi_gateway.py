@@ -18,7 +18,6 @@ import aiodocker
 import aiohttp
 import asyncpg
 import pytest
-from aiohttp import WSMsgType
 from yarl import URL
 
 from gateway.containers import LABEL_GATEWAY, LABEL_USER, container_name
@@ -26,6 +25,7 @@ from gateway.keys import DB, SANDBOXES
 from gateway.settings import Settings
 
 from .helpers import JWT_SECRET, MakeClient, auth, free_port, poll
+from .test_terminal import Screen
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -198,31 +198,11 @@ async def preview_get(
         return response.status
 
 
-class Terminal:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.output = bytearray()
-
-    async def expect(self, needle: bytes, timeout_s: float = 15.0) -> None:
-        async with asyncio.timeout(timeout_s):
-            while needle not in self.output:
-                message = await self.ws.receive()
-                assert message.type == WSMsgType.BINARY, (message, bytes(self.output[-300:]))
-                self.output += message.data
-
-    async def closed(self, timeout_s: float = 15.0) -> tuple[int | None, str]:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await self.ws.receive()
-                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
-                    return self.ws.close_code, message.extra or ""
-
-
-async def open_terminal(http: aiohttp.ClientSession, gateway: GatewayProcess, user: str) -> Terminal:
+async def open_terminal(http: aiohttp.ClientSession, gateway: GatewayProcess, user: str) -> Screen:
     ws = await http.ws_connect(f"{gateway.url}{TERMINAL}", headers=auth(user), protocols=[TERMINAL_PROTOCOL])
-    terminal = Terminal(ws)
+    terminal = Screen(ws)
     await ws.send_bytes(b"echo READY-$((40+2)) $SANDBOX_USER\r")
-    await terminal.expect(f"READY-42 {user}".encode())
+    await terminal.expect(f"READY-42 {user}".encode(), timeout_s=15)
     return terminal
 
 
@@ -275,7 +255,8 @@ async def test_a_sandbox_started_through_one_gateway_is_served_by_the_other(
     # A terminal through B; one through A is closed when B stops the sandbox.
     through_b = await open_terminal(http, b, "alice")
     await through_b.ws.send_bytes(b"cat /workspace/who\r")
-    await through_b.expect(b"alice\r\n")
+    # Past the READY line, which ends in the user's name too: this is cat's output.
+    await through_b.expect(b"alice\r\n", timeout_s=15)
     await through_b.ws.close()
     through_a = await open_terminal(http, a, "alice")
 
