@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import signal
 import sys
 
 from aiohttp import web
 
 from .access_log import AccessLogger
 from .app import SERVER_OPTIONS, create_app
+from .frontdoor import GatewayRunner
 from .logs import configure_logging
 from .settings import Settings, SettingsError
+
+log = logging.getLogger("gateway")
+
+
+async def serve(settings: Settings) -> None:
+    """Serves until SIGINT or SIGTERM, then shuts down as web.run_app would. Not web.run_app itself:
+    it would make its own runner, and the gateway's (frontdoor.py) puts the preview's fast path first."""
+    runner = GatewayRunner(create_app(settings), access_log_class=AccessLogger, **SERVER_OPTIONS)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info("listening on http://%s:%d", settings.host, settings.port)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def main() -> None:
@@ -19,14 +42,7 @@ def main() -> None:
     except SettingsError as err:
         sys.exit(f"configuration error: {err}")
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), settings.log_format)
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log_class=AccessLogger,
-        print=None,
-        **SERVER_OPTIONS,
-    )
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -18,19 +18,41 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        duration_ms = round(time * 1000, 1)
-        self.logger.info(
-            "%s %s %d %.1fms",
-            request.method,
-            request.path,
-            response.status,
-            duration_ms,
-            extra={
-                "remote": request.remote,
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": duration_ms,
-                "request_id": request.get(REQUEST_ID, "-"),
-            },
+        log_access(
+            self.logger,
+            remote=request.remote,
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            seconds=time,
+            request_id=request.get(REQUEST_ID, "-"),
         )
+
+
+def log_access(
+    logger: logging.Logger,
+    *,
+    remote: str | None,
+    method: str,
+    path: str,
+    status: int,
+    seconds: float,
+    request_id: str,
+) -> None:
+    """One access line; aiohttp's requests and the front door's (frontdoor.py) both come here."""
+    duration_ms = round(seconds * 1000, 1)
+    logger.info(
+        "%s %s %d %.1fms",
+        method,
+        path,
+        status,
+        duration_ms,
+        extra={
+            "remote": remote,
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": duration_ms,
+            "request_id": request_id,
+        },
+    )

@@ -24,6 +24,10 @@ class ActivityRecorder:
     def interval_s(self) -> float:
         return self._interval_s
 
+    def due(self, user: str) -> bool:
+        """Whether `seen(user)` would write now."""
+        return time.monotonic() - self._last_write.get(user, float("-inf")) >= self._interval_s
+
     async def seen(self, user: str) -> None:
         now = time.monotonic()
         if now - self._last_write.get(user, float("-inf")) < self._interval_s:

@@ -32,7 +32,7 @@ from .logs import add_request_id_header, request_id_middleware
 from .metrics import Metrics
 from .metrics_http import metrics_listener_ctx, metrics_middleware
 from .middlewares import error_middleware
-from .preview import preview_host_middleware
+from .preview import preview_host_middleware, preview_origin_connections_middleware
 from .reaper import reaper_ctx
 from .routes import setup_routes
 from .sandboxes import Sandboxes
@@ -59,13 +59,15 @@ def create_app(settings: Settings) -> web.Application:
     limits = settings.exec
     client_max_size = max(CLIENT_MAX_SIZE_FLOOR, 2 * (limits.max_code_bytes + limits.max_stdin_bytes))
     # Order: the request id first, so that every log line below carries it; then metrics, which see
-    # every failure as the response the error middleware made of it; then errors, so that everything
+    # every failure as the response the error middleware made of it; then the preview origin's
+    # connections are closed after aiohttp's answers (preview.py); then errors, so that everything
     # below becomes a JSON envelope; then the preview origin refuses what is not a preview before auth
     # runs; auth last, next to the handlers.
     app = web.Application(
         middlewares=[
             request_id_middleware,
             metrics_middleware,
+            preview_origin_connections_middleware,
             error_middleware,
             preview_host_middleware,
             auth_middleware,

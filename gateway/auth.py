@@ -17,13 +17,18 @@ def bearer_token(request: web.Request) -> str:
     headers, from an offered subprotocol `bearer.<token>` (as Kubernetes does). Never from the query
     string, which ends up in logs and browser history."""
     header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
     if not header and request.headers.get("Upgrade", "").lower() == "websocket":
         for protocol in request.headers.get("Sec-WebSocket-Protocol", "").split(","):
             if protocol.strip().startswith(BEARER_SUBPROTOCOL_PREFIX):
                 return protocol.strip().removeprefix(BEARER_SUBPROTOCOL_PREFIX)
+    return parse_bearer(header)
+
+
+def parse_bearer(header: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header's value."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     raise Unauthorized("send Authorization: Bearer <token>")
 
 

@@ -96,6 +96,10 @@ class Metrics:
             registry=r,
         )
 
+    def count_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_seconds.labels(route).observe(seconds)
+
     def count_error(self, err: GatewayError) -> None:
         if isinstance(err, DockerFailed | DockerUnavailable):
             self.docker_errors.labels(err.code).inc()

@@ -32,9 +32,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else UNMATCHED_ROUTE
-    metrics = request.app[METRICS]
-    metrics.http_requests.labels(route, request.method, str(response.status)).inc()
-    metrics.http_seconds.labels(route).observe(time.perf_counter() - started)
+    request.app[METRICS].count_request(route, request.method, response.status, time.perf_counter() - started)
     return response
 
 

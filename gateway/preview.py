@@ -27,6 +27,7 @@ from .errors import Forbidden, GatewayError, InvalidRequest
 from .keys import ACTIVITY, METRICS, PREVIEW_KEY, SANDBOXES, SETTINGS, UPSTREAM
 from .preview_auth import LOGIN_PATH, authorize_viewer, rewrite_set_cookie, strip_preview_cookie
 from .schemas import check_identity_coding
+from .settings import Settings
 from .tokens import USER_PATTERN
 from .upstream import UpstreamError
 
@@ -49,6 +50,10 @@ REPLACED_REQUEST_HEADERS = frozenset({"host", "authorization", "expect"})
 # would reach the dev server as if the gateway had made them.
 CLIENT_FORWARDING_HEADERS = frozenset({"forwarded", "x-real-ip"})
 DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:[/\\]|$)")
+# The client's half of the handshake, which goes to the dev server (the other sec-websocket-* do not).
+WEBSOCKET_HANDSHAKE_HEADERS = frozenset(
+    {"sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions"}
+)
 UPSTREAM_CONNECT_S = 10.0
 UPGRADE_HEAD_LIMIT = 64 * 1024
 SPLICE_CHUNK = 256 * 1024
@@ -65,17 +70,15 @@ async def preview(request: web.Request) -> web.StreamResponse:
     if not USER_PATTERN.fullmatch(user):
         raise web.HTTPNotFound()
     prefix = f"/preview/{user}/"
-    raw_path = request.rel_url.raw_path
     # Matching happened on the decoded, normalised path; what goes upstream is the raw one, so both
-    # must agree on whose preview this is, and the raw one must hold no dot segment, plain or encoded,
-    # that a dev server decoding it could climb out of the prefix with (browsers send none).
-    if not raw_path.startswith(prefix) or DOT_SEGMENT.search(unquote(raw_path)):
+    # must agree on whose preview this is.
+    if not sound_preview_path(request.rel_url.raw_path, prefix):
         raise InvalidRequest("malformed preview path")
     if request.host != settings.preview_host and "Authorization" not in request.headers:
         # A browser on the main origin: previews render only on the preview origin.
         raise web.HTTPTemporaryRedirect(f"{settings.preview_origin}{request.rel_url.raw_path_qs}")
     try:
-        authorize_viewer(request, user, settings, request.app[PREVIEW_KEY])
+        authorize_viewer(request, user, request.app[PREVIEW_KEY])
         port = await request.app[SANDBOXES].preview_port(user)
     except GatewayError as err:
         return _error(request, err)
@@ -94,16 +97,27 @@ class Target:
     path: str
 
 
+def sound_preview_path(raw_path: str, prefix: str) -> bool:
+    """Whether a raw path lies inside `prefix` and holds no dot segment, plain or encoded, that a dev
+    server decoding it could climb out of the prefix with (browsers send none)."""
+    return raw_path.startswith(prefix) and not DOT_SEGMENT.search(unquote(raw_path))
+
+
+def check_preview_origin(origin: str | None, settings: Settings) -> None:
+    """A browser's WebSocket to a preview comes from the preview origin or an allowed one."""
+    if origin is not None and origin not in (settings.preview_origin, *settings.allowed_origins):
+        raise Forbidden(f"WebSocket connections from origin {origin} are not allowed")
+
+
 async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.StreamResponse:
     if request.body_exists:
         check_identity_coding(request)
-    headers = _request_headers(request)
+    headers = upstream_headers(request.headers.items(), request.remote or "", request.host, request.scheme)
     chunked = request.body_exists and hdrs.CONTENT_LENGTH not in request.headers
     if chunked:
         headers[hdrs.TRANSFER_ENCODING] = "chunked"
-    lines = [f"{request.method} {target.path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
     # aiohttp refused CR and LF in the incoming request, so none reaches this head.
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    head = request_head(request.method, target.path, headers.items())
     body = request.content.iter_any() if request.body_exists else None
     try:
         upstream = await request.app[UPSTREAM].request(
@@ -112,7 +126,7 @@ async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.
     except UpstreamError as err:
         log.info("preview upstream %s failed: %s", target.port, err)
         return _not_listening(request)
-    headers = _response_headers(upstream.headers, prefix, request)
+    headers = response_headers(upstream.headers, prefix)
     if request.method != "HEAD" and upstream.status not in BODILESS_STATUSES:
         whole = upstream.complete_body()
         if whole is not None:
@@ -129,17 +143,26 @@ async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.
     except (UpstreamError, ConnectionResetError) as err:
         # Either side went away mid-body; the status may be sent, so all that is left is to stop.
         log.info("preview body to %s cut short: %r", request.remote, err)
+    finally:
+        upstream.close()
     return response
 
 
-def _request_headers(request: web.Request) -> CIMultiDict[str]:
-    connection_listed = {
-        token.strip().lower()
-        for value in request.headers.getall(hdrs.CONNECTION, [])
-        for token in value.split(",")
-    }
+def upstream_headers(
+    items: Iterable[tuple[str, str]], remote: str, host: str, scheme: str
+) -> CIMultiDict[str]:
+    """What of a client's request headers goes to the dev server, and what the gateway adds."""
+    items = list(items)
+    connection_listed: set[str] = set()
+    forwarded_for = None
+    for name, value in items:
+        lowered = name.lower()
+        if lowered == "connection":
+            connection_listed.update(token.strip().lower() for token in value.split(","))
+        elif lowered == "x-forwarded-for" and forwarded_for is None:
+            forwarded_for = value
     headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
+    for name, value in items:
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in connection_listed or lowered in REPLACED_REQUEST_HEADERS:
             continue
@@ -151,17 +174,18 @@ def _request_headers(request: web.Request) -> CIMultiDict[str]:
             continue
         headers.add(name, value)
     headers[hdrs.HOST] = UPSTREAM_HOST
-    forwarded_for = request.headers.get("X-Forwarded-For")
-    client = request.remote or ""
-    headers["X-Forwarded-For"] = f"{forwarded_for}, {client}" if forwarded_for else client
-    headers["X-Forwarded-Host"] = request.host
-    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
+    headers["X-Forwarded-Host"] = host
+    headers["X-Forwarded-Proto"] = scheme
     return headers
 
 
-def _response_headers(
-    items: Iterable[tuple[str, str]], prefix: str, request: web.Request
-) -> CIMultiDict[str]:
+def request_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+def response_headers(items: Iterable[tuple[str, str]], prefix: str) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in items:
         lowered = name.lower()
@@ -194,10 +218,10 @@ async def _proxy_websocket(request: web.Request, target: Target, prefix: str) ->
     """Relays the upgrade to the dev server, and after its 101 splices the two connections byte for
     byte. No frame is parsed: the dev server and the browser speak WebSocket (subprotocol, pings,
     compression, close codes) to each other, and the gateway only copies, as fast proxies do."""
-    settings = request.app[SETTINGS]
-    origin = request.headers.get(hdrs.ORIGIN)
-    if origin is not None and origin not in (settings.preview_origin, *settings.allowed_origins):
-        return _error(request, Forbidden(f"WebSocket connections from origin {origin} are not allowed"))
+    try:
+        check_preview_origin(request.headers.get(hdrs.ORIGIN), request.app[SETTINGS])
+    except GatewayError as err:
+        return _error(request, err)
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection("127.0.0.1", target.port, limit=UPGRADE_HEAD_LIMIT), UPSTREAM_CONNECT_S
@@ -205,7 +229,11 @@ async def _proxy_websocket(request: web.Request, target: Target, prefix: str) ->
     except (OSError, TimeoutError):
         return _not_listening(request)
     try:
-        writer.write(_upgrade_request(request, target))
+        writer.write(
+            upgrade_head(
+                request.headers.items(), target.path, request.remote or "", request.host, request.scheme
+            )
+        )
         try:
             status, headers = await asyncio.wait_for(_read_head(reader), UPSTREAM_CONNECT_S)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
@@ -213,7 +241,7 @@ async def _proxy_websocket(request: web.Request, target: Target, prefix: str) ->
         if status != 101:
             # The dev server refused (wrong path, bad token, no such subprotocol): pass its status on.
             return web.Response(status=status, text=f"the dev server refused the WebSocket ({status})")
-        response = web.StreamResponse(status=101, headers=_upgrade_response_headers(headers))
+        response = web.StreamResponse(status=101, headers=upgrade_response_headers(headers))
         response.force_close()
         await response.prepare(request)
         with request.app[METRICS].open_websockets.labels("preview").track_inprogress():
@@ -223,21 +251,21 @@ async def _proxy_websocket(request: web.Request, target: Target, prefix: str) ->
         writer.close()
 
 
-def _upgrade_request(request: web.Request, target: Target) -> bytes:
-    headers = _request_headers(request)
+def upgrade_head(items: Iterable[tuple[str, str]], target: str, remote: str, host: str, scheme: str) -> bytes:
+    """The upgrade request for the dev server: the request headers as for HTTP, and the client's
+    WebSocket handshake headers, which are the dev server's to answer."""
+    items = list(items)
+    headers = upstream_headers(items, remote, host, scheme)
     headers[hdrs.UPGRADE] = "websocket"
     headers[hdrs.CONNECTION] = "Upgrade"
-    for name in (
-        "Sec-WebSocket-Key",
-        "Sec-WebSocket-Version",
-        "Sec-WebSocket-Protocol",
-        "Sec-WebSocket-Extensions",
-    ):
-        if name in request.headers:
-            headers[name] = request.headers[name]
-    lines = [f"GET {target.path} HTTP/1.1", *(f"{name}: {value}" for name, value in headers.items())]
-    # aiohttp refused CR and LF in the incoming headers, so none reaches this request.
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    handshake: dict[str, tuple[str, str]] = {}
+    for name, value in items:
+        if name.lower() in WEBSOCKET_HANDSHAKE_HEADERS:
+            handshake.setdefault(name.lower(), (name, value))
+    for name, value in handshake.values():
+        headers[name] = value
+    # The client's headers were parsed already (by aiohttp or httptools): no CR or LF reaches this.
+    return request_head("GET", target, headers.items())
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[str, str]]]:
@@ -248,7 +276,7 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[str,
     return status, headers  # type: ignore[return-value]
 
 
-def _upgrade_response_headers(headers: list[tuple[str, str]]) -> CIMultiDict[str]:
+def upgrade_response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     kept: CIMultiDict[str] = CIMultiDict({hdrs.UPGRADE: "websocket", hdrs.CONNECTION: "Upgrade"})
     for name, value in headers:
         if name.lower() in ("sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions"):
@@ -378,3 +406,22 @@ async def preview_host_middleware(request: web.Request, handler: Handler) -> web
     ):
         raise web.HTTPNotFound()
     return await handler(request)
+
+
+@web.middleware
+async def preview_origin_connections_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On the preview origin aiohttp answers only what the front door handed over (a login, an
+    upload, an error page), and then says Connection: close, so that the browser's next request,
+    most likely a plain GET of the preview, meets the front door on a new connection instead of
+    staying on aiohttp's slower path for the rest of the tab's life. Outside the error middleware,
+    so that errors are responses here; streamed responses, already sent, keep their connection."""
+    if request.host != request.app[SETTINGS].preview_host:
+        return await handler(request)
+    try:
+        response = await handler(request)
+    except web.HTTPException as redirect:
+        redirect.force_close()
+        raise
+    if not response.prepared:
+        response.force_close()
+    return response

@@ -18,11 +18,10 @@ from urllib.parse import urlencode
 import jwt
 from aiohttp import web
 
-from .auth import bearer_token
+from .auth import parse_bearer
 from .errors import Forbidden, InvalidRequest, Unauthorized
 from .keys import PREVIEW_KEY, SANDBOXES, SETTINGS, TOKENS, USER
-from .settings import Settings
-from .tokens import USER_PATTERN
+from .tokens import USER_PATTERN, TokenVerifier
 
 COOKIE = "sandbox_preview"
 LOGIN_PATH = "/_preview/login"
@@ -90,13 +89,22 @@ async def preview_login(request: web.Request) -> web.StreamResponse:
     raise response
 
 
-def authorize_viewer(request: web.Request, owner: str, settings: Settings, key: bytes) -> None:
+def authorize_viewer(request: web.Request, owner: str, key: bytes) -> None:
     """Lets the request through only if it comes from the preview's owner."""
+    headers = request.headers
+    check_viewer(owner, headers.get("Authorization"), headers.get("Cookie"), request.app[TOKENS], key)
+
+
+def check_viewer(
+    owner: str, authorization: str | None, cookie_header: str | None, tokens: TokenVerifier, key: bytes
+) -> None:
+    """The preview's owner, by bearer token or preview cookie, passes; anyone else gets the error
+    to answer with. Takes header values, not a request: the front door (frontdoor.py) asks it too."""
     viewer: str | None
-    if "Authorization" in request.headers:
-        viewer = request.app[TOKENS].verify(bearer_token(request)).user
+    if authorization is not None:
+        viewer = tokens.verify(parse_bearer(authorization)).user
     else:
-        cookie = _preview_cookie(request)
+        cookie = preview_cookie(cookie_header or "")
         viewer = _verified_user(cookie, SESSION_AUDIENCE, key) if cookie else None
         if viewer is None:
             raise Unauthorized("sign in to see this preview: open it from the page, or send a bearer token")
@@ -104,9 +112,14 @@ def authorize_viewer(request: web.Request, owner: str, settings: Settings, key: 
         raise Forbidden("this preview belongs to another user")
 
 
-def _preview_cookie(request: web.Request) -> str | None:
-    # The cookie of this path wins over any other of the same name a browser might also send.
-    return request.cookies.get(COOKIE)
+def preview_cookie(cookie_header: str) -> str | None:
+    """Our cookie's value in a Cookie header. The first of the name wins: browsers send the cookie of
+    the longest matching path first, and ours has the preview's own path."""
+    for part in cookie_header.split(";"):
+        name, sign, value = part.strip().partition("=")
+        if sign and name == COOKIE:
+            return value.strip('" ')
+    return None
 
 
 def strip_preview_cookie(cookie_header: str) -> str:

@@ -163,12 +163,19 @@ class Sandboxes:
                 await db.touch(conn, user)
         return session.container_id
 
+    def cached_preview_port(self, user: str) -> int | None:
+        """preview_port if it is known without asking the database."""
+        cached = self._ports.get(user)
+        if cached and time.monotonic() - cached[1] < PORT_CACHE_S:
+            return cached[0]
+        return None
+
     async def preview_port(self, user: str) -> int:
         """The host port on 127.0.0.1 where the user's container publishes 5173."""
-        cached = self._ports.get(user)
+        cached = self.cached_preview_port(user)
+        if cached is not None:
+            return cached
         now = time.monotonic()
-        if cached and now - cached[1] < PORT_CACHE_S:
-            return cached[0]
         async with db.connection(self._pool) as conn:
             session = await db.get_session(conn, user)
         if session is None or session.state != "running" or session.host_port is None:

@@ -15,16 +15,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiodocker
+import aiohttp
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.app import SERVER_OPTIONS, create_app
 from gateway.containers import remove_deployment
 from gateway.settings import ExecSettings, SandboxLimits, Settings
 
-from .helpers import JWT_SECRET, MakeClient, free_port
+from .helpers import JWT_SECRET, GatewayTestServer, MakeClient, free_port
 
 SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest")
 
@@ -187,7 +188,7 @@ async def make_client(settings: Settings, aiohttp_client: Callable[..., Awaitabl
         changes.setdefault("public_url", f"http://sandbox.localhost:{port}")
         app = create_app(replace(settings, port=port, **changes))  # type: ignore[arg-type]
         # Started here: aiohttp_client passes no runner options (SERVER_OPTIONS) on to the server.
-        server = TestServer(app, port=port)
+        server = GatewayTestServer(app, port=port)
         await server.start_server(**SERVER_OPTIONS)
         return await aiohttp_client(server)
 
@@ -197,6 +198,13 @@ async def make_client(settings: Settings, aiohttp_client: Callable[..., Awaitabl
 @pytest.fixture
 async def client(make_client: MakeClient) -> TestClient:
     return await make_client()
+
+
+@pytest.fixture
+async def preview_http(client: TestClient) -> AsyncIterator[aiohttp.ClientSession]:
+    """Connections of their own for the preview origin, as a browser keeps them."""
+    async with aiohttp.ClientSession(base_url=client.make_url("")) as session:
+        yield session
 
 
 CHROMIUM = "/usr/bin/chromium"

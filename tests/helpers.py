@@ -7,11 +7,14 @@ import random
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiodocker
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
+from gateway.frontdoor import GatewayRunner
 from gateway.keys import DB
 from gateway.settings import Settings
 from gateway.tokens import mint_token
@@ -70,3 +73,10 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port between 20000 and 30000")
+
+
+class GatewayTestServer(TestServer):
+    """A TestServer served as `python -m gateway` serves: by the GatewayRunner, front door first."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)

@@ -9,14 +9,14 @@ import re
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.access_log import AccessLogger
 from gateway.app import create_app
 from gateway.logs import log_handler
 from gateway.settings import Settings
 
-from .helpers import auth
+from .helpers import GatewayTestServer, auth
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -58,7 +58,7 @@ async def test_log_lines_are_json_with_the_request_id_and_no_secrets(
     json_log: io.StringIO,
 ) -> None:
     # As `python -m gateway` runs it: with the gateway's access logger.
-    server = TestServer(create_app(settings))
+    server = GatewayTestServer(create_app(settings))
     await server.start_server(access_log_class=AccessLogger)
     client = await aiohttp_client(server)
     headers = auth("alice")

@@ -44,10 +44,15 @@ async def start_upstream(client: TestClient, docker: aiodocker.Docker, user: str
 class Preview:
     """Requests to a user's preview on the preview origin, as a script would send them."""
 
-    def __init__(self, client: TestClient, settings: Settings, user: str) -> None:
+    def __init__(
+        self, client: TestClient, settings: Settings, user: str, http: aiohttp.ClientSession | None = None
+    ) -> None:
         self.client = client
         self.host = settings.preview_host
         self.user = user
+        # A browser keeps the preview origin's connections apart from the page's; a session of its own
+        # does the same, so that previews meet the front door rather than a connection it handed over.
+        self.http: aiohttp.ClientSession | TestClient = http or client
 
     def url(self, path: str) -> URL:
         return URL(f"/preview/{self.user}/{path.lstrip('/')}", encoded=True)
@@ -56,7 +61,7 @@ class Preview:
         self, method: str, path: str, as_user: str | None = None, **kwargs: Any
     ) -> aiohttp.ClientResponse:
         headers = {"Host": self.host, **auth(as_user or self.user), **kwargs.pop("headers", {})}
-        return await self.client.request(
+        return await self.http.request(
             method, self.url(path), headers=headers, allow_redirects=False, **kwargs
         )
 
@@ -67,11 +72,16 @@ class Preview:
         return body
 
 
-async def ready_preview(client: TestClient, settings: Settings, docker: aiodocker.Docker) -> Preview:
+async def ready_preview(
+    client: TestClient,
+    settings: Settings,
+    docker: aiodocker.Docker,
+    http: aiohttp.ClientSession | None = None,
+) -> Preview:
     """Alice's sandbox, started, with the fixture server answering on its preview."""
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
     await start_upstream(client, docker, "alice")
-    alice = Preview(client, settings, "alice")
+    alice = Preview(client, settings, "alice", http)
     await poll(lambda: listening(alice), timeout_s=20)
     return alice
 
@@ -81,8 +91,10 @@ async def listening(preview: Preview) -> bool:
 
 
 @pytest.fixture
-async def preview(client: TestClient, settings: Settings, docker: aiodocker.Docker) -> Preview:
-    return await ready_preview(client, settings, docker)
+async def preview(
+    client: TestClient, settings: Settings, docker: aiodocker.Docker, preview_http: aiohttp.ClientSession
+) -> Preview:
+    return await ready_preview(client, settings, docker, preview_http)
 
 
 async def test_methods_bodies_and_query_strings_pass_untouched(preview: Preview) -> None:
@@ -176,7 +188,7 @@ async def test_redirects_and_cookies_stay_inside_the_prefix(preview: Preview) ->
 
 async def test_websocket_subprotocol_frames_pings_and_close_codes(preview: Preview) -> None:
     headers = {"Host": preview.host, **auth("alice")}
-    ws = await preview.client.ws_connect(
+    ws = await preview.http.ws_connect(
         preview.url("ws?token=abc"), headers=headers, protocols=["vite-hmr"], autoping=False
     )
     assert ws.protocol == "vite-hmr"
