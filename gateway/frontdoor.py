@@ -42,6 +42,7 @@ from .preview import (
     UPGRADE_HEAD_LIMIT,
     UPSTREAM_CONNECT_S,
     check_preview_origin,
+    parse_answer_head,
     request_head,
     response_headers,
     sound_preview_path,
@@ -392,7 +393,7 @@ class FrontDoor(asyncio.Protocol):
 
     def _done(self, request: Head, status: int, started: float, request_id: str) -> None:
         """The answer is written: count it, then go on to the next request on the connection."""
-        self._account(request, status, time.perf_counter() - started, request_id)
+        _account(self._app, self.remote, request, status, time.perf_counter() - started, request_id)
         self._server.answered += 1
         self._busy = False
         del self._buffer[: request.size]
@@ -404,19 +405,6 @@ class FrontDoor(asyncio.Protocol):
             self._reading_paused = False
             self._transport.resume_reading()
         self._next_request()
-
-    def _account(self, request: Head, status: int, seconds: float, request_id: str) -> None:
-        self._app[METRICS].count_request(PREVIEW_ROUTE, request.method, status, seconds)
-        if access_logger.isEnabledFor(logging.INFO):
-            log_access(
-                access_logger,
-                remote=self.remote,
-                method=request.method,
-                path=request.target.split("?", 1)[0],
-                status=status,
-                seconds=seconds,
-                request_id=request_id,
-            )
 
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, starting with the bytes not yet answered."""
@@ -492,6 +480,23 @@ class FrontDoor(asyncio.Protocol):
             self.close()
             return
         self._idle_check = loop.call_at(max(due, loop.time() + 1.0), self._check_idle)
+
+
+def _account(
+    app: web.Application, remote: str, request: Head, status: int, seconds: float, request_id: str
+) -> None:
+    """Metrics and the access line of an answer the door gave; a WebSocket's when it ends, as aiohttp's."""
+    app[METRICS].count_request(PREVIEW_ROUTE, request.method, status, seconds)
+    if access_logger.isEnabledFor(logging.INFO):
+        log_access(
+            access_logger,
+            remote=remote,
+            method=request.method,
+            path=request.target.split("?", 1)[0],
+            status=status,
+            seconds=seconds,
+            request_id=request_id,
+        )
 
 
 @dataclass(slots=True)
@@ -675,7 +680,7 @@ class _UpgradeAnswer(asyncio.Protocol):
             return
         self._end = end + 4
         try:
-            self.head.set_result(_parse_answer(bytes(self._buffer[: self._end])))
+            self.head.set_result(parse_answer_head(bytes(self._buffer[: self._end])))
         except ValueError as err:
             self.head.set_exception(UpstreamError(f"malformed answer: {err}"))
 
@@ -685,15 +690,6 @@ class _UpgradeAnswer(asyncio.Protocol):
 
     def rest(self) -> bytes:
         return bytes(self._buffer[self._end :])
-
-
-def _parse_answer(head: bytes) -> tuple[int, list[tuple[str, str]]]:
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    status = int(status_line.split(" ", 2)[1])
-    headers = [
-        (name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in lines) if value
-    ]
-    return status, headers
 
 
 class _Pipe(asyncio.Protocol):
@@ -781,15 +777,4 @@ class Splice:
         self._server.splices.discard(self)
         self._app[METRICS].open_websockets.labels("preview").dec()
         seconds = time.perf_counter() - self._started
-        self._app[METRICS].count_request(PREVIEW_ROUTE, "GET", 101, seconds)
-        if access_logger.isEnabledFor(logging.INFO):
-            path = self._request.target.split("?", 1)[0]
-            log_access(
-                access_logger,
-                remote=self._remote,
-                method="GET",
-                path=path,
-                status=101,
-                seconds=seconds,
-                request_id=self._request_id,
-            )
+        _account(self._app, self._remote, self._request, 101, seconds, self._request_id)

@@ -269,11 +269,19 @@ def upgrade_head(items: Iterable[tuple[str, str]], target: str, remote: str, hos
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[str, str]]]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    status_line, *header_lines = head.split("\r\n")
+    return parse_answer_head(await reader.readuntil(b"\r\n\r\n"))
+
+
+def parse_answer_head(head: bytes) -> tuple[int, list[tuple[str, str]]]:
+    """Status and headers of the dev server's answer to an upgrade; ValueError if it is not one."""
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
     status = int(status_line.split(" ", 2)[1])
-    headers = [tuple(part.strip() for part in line.split(":", 1)) for line in header_lines if ":" in line]
-    return status, headers  # type: ignore[return-value]
+    headers = [
+        (name.strip(), value.strip())
+        for name, sep, value in (line.partition(":") for line in header_lines)
+        if sep
+    ]
+    return status, headers
 
 
 def upgrade_response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
