@@ -21,7 +21,7 @@ from .keys import (
     DOCKER,
     EXEC_RUNNER,
     METRICS,
-    PREVIEW_KEY,
+    PREVIEW_SESSIONS,
     SANDBOXES,
     SETTINGS,
     TERMINALS,
@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .metrics_http import metrics_listener_ctx, metrics_middleware
 from .middlewares import error_middleware
 from .preview import preview_host_middleware, preview_origin_connections_middleware
+from .preview_sessions import PreviewSessions
 from .reaper import reaper_ctx
 from .routes import setup_routes
 from .sandboxes import Sandboxes
@@ -96,7 +97,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         await db.apply_migrations(pool)
         async with db.connection(pool) as conn:
-            app[PREVIEW_KEY] = await db.gateway_secret(conn, "preview-session")
+            app[PREVIEW_SESSIONS] = PreviewSessions(await db.gateway_secret(conn, "preview-session"))
         app[DB] = pool
         yield
     finally:

@@ -30,15 +30,17 @@ import httptools
 from aiohttp import hdrs, web
 from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict
 
 from .access_log import log_access
+from .activity import ActivityRecorder
 from .errors import GatewayError
-from .keys import ACTIVITY, METRICS, PREVIEW_KEY, SANDBOXES, SETTINGS, TOKENS, UPSTREAM
+from .keys import ACTIVITY, METRICS, PREVIEW_SESSIONS, SANDBOXES, SETTINGS, TOKENS, UPSTREAM
 from .logs import HEADER as REQUEST_ID_HEADER
 from .logs import current_request_id, request_id_for
+from .metrics import Metrics
 from .preview import (
     BODILESS_STATUSES,
+    DROPPED_RESPONSE_HEADERS,
     UPGRADE_HEAD_LIMIT,
     UPSTREAM_CONNECT_S,
     check_preview_origin,
@@ -51,13 +53,17 @@ from .preview import (
     upstream_headers,
 )
 from .preview_auth import check_viewer
-from .tokens import USER_PATTERN
-from .upstream import Response, UpstreamError
+from .preview_sessions import PreviewSessions
+from .sandboxes import Sandboxes
+from .settings import Settings
+from .tokens import USER_PATTERN, TokenVerifier
+from .upstream import Response, UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 PREVIEW_ROUTE = "/preview/{user}/{tail}"  # the metrics label aiohttp gives the preview route
 FAST_STARTS = (b"GET /preview/", b"HEAD /preview/")
+FAST_START_MAX = max(len(start) for start in FAST_STARTS)
 # Longer heads go to aiohttp, which has the limits and the 431 for them.
 HEAD_LIMIT = 16 * 1024
 # Control bytes other than CR, LF and tab: legal to no strict parser, and aiohttp's to refuse.
@@ -66,6 +72,12 @@ CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 READ_AHEAD = 256 * 1024
 KEEPALIVE_S = 75.0  # as aiohttp's keepalive_timeout
 SHUTDOWN_S = 10.0
+
+
+# The door sets these itself: the request id always, the length when it has the whole body.
+DROPPED = DROPPED_RESPONSE_HEADERS | {"x-request-id"}
+DROPPED_SIZED = DROPPED | {"content-length"}
+STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
 
 
 class HandOver(Exception):
@@ -86,12 +98,26 @@ class Head:
         return self.single.get(name)
 
 
-class _HeadCallbacks:
+# Headers the front door reads: more than one of any, and aiohttp decides which counts.
+SINGLE_HEADERS = frozenset({"host", "authorization", "cookie", "upgrade", "origin", "x-request-id"})
+# A body announced, even an empty one, or one that waits for a go-ahead.
+BODY_HEADERS = frozenset({"expect", "transfer-encoding", "content-length"})
+
+
+class HeadParser:
+    """httptools' request parser with the callbacks parse_head needs. One per connection: llhttp
+    reads one message after another, and a parser costs more to make than a head does to parse."""
+
     def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.start()
+
+    def start(self) -> None:
         self.url = b""
         self.headers: list[tuple[str, str]] = []
+        self.single: dict[str, str] = {}
+        self.refused = False  # a body header, or a SINGLE_HEADERS one twice
         self.complete = False
-        self.parser: httptools.HttpRequestParser | None = None
         self.keep_alive = False
         self.version = ""
         self.method = b""
@@ -101,25 +127,25 @@ class _HeadCallbacks:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # As aiohttp decodes them, so that both paths forward the same bytes.
-        self.headers.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        text = name.decode("utf-8", "surrogateescape")
+        decoded = value.decode("utf-8", "surrogateescape")
+        self.headers.append((text, decoded))
+        lowered = text.lower()
+        if lowered in SINGLE_HEADERS:
+            if lowered in self.single:
+                self.refused = True
+            self.single[lowered] = decoded
+        elif lowered in BODY_HEADERS:
+            self.refused = True
 
     def on_headers_complete(self) -> None:
         # Asked now: once the message is complete, llhttp has reset its flags.
-        assert self.parser is not None
         self.keep_alive = self.parser.should_keep_alive()
         self.version = self.parser.get_http_version()
         self.method = self.parser.get_method()
 
     def on_message_complete(self) -> None:
         self.complete = True
-
-
-# Headers the front door reads: more than one of any, and aiohttp decides which counts.
-SINGLE_HEADERS = frozenset({"host", "authorization", "cookie", "upgrade", "origin", "x-request-id"})
-# A body announced, even an empty one, or one that waits for a go-ahead.
-BODY_HEADERS = frozenset({"expect", "transfer-encoding", "content-length"})
 
 
 def _plain(head: bytes) -> bool:
@@ -135,55 +161,80 @@ def _plain(head: bytes) -> bool:
     )
 
 
-def parse_head(head: bytes) -> Head | None:
+def parse_head(head: bytes, parser: HeadParser | None = None) -> Head | None:
     """The request in `head` (up to and including its blank line) if the front door may answer it:
-    HTTP/1.1, GET or HEAD, no body, plain bytes, the headers it reads at most once each."""
+    HTTP/1.1, GET or HEAD, no body, plain bytes, the headers it reads at most once each. `parser`:
+    the connection's, which has read the requests before this one; after None it is spent."""
     if not _plain(head):
         return None
-    callbacks = _HeadCallbacks()
-    parser = callbacks.parser = httptools.HttpRequestParser(callbacks)
+    if parser is None:
+        parser = HeadParser()
+    else:
+        parser.start()
     upgrade = False
     try:
-        parser.feed_data(head)
+        parser.parser.feed_data(head)
     except httptools.HttpParserUpgrade:
         upgrade = True
     except httptools.HttpParserError:
         return None
     # A body (Content-Length, Transfer-Encoding) leaves the message incomplete at the end of the head.
-    if not callbacks.complete or callbacks.version != "1.1":
+    if not parser.complete or parser.refused or parser.version != "1.1":
         return None
-    method = callbacks.method.decode("ascii")
-    if method not in ("GET", "HEAD"):
+    method = parser.method
+    if method != b"GET" and method != b"HEAD":
         return None
-    single: dict[str, str] = {}
-    for name, value in callbacks.headers:
-        lowered = name.lower()
-        if lowered in SINGLE_HEADERS:
-            if lowered in single:
-                return None
-            single[lowered] = value
-        elif lowered in BODY_HEADERS:
-            return None
-    if "host" not in single or not callbacks.url.isascii():
+    single = parser.single
+    if "host" not in single or not parser.url.isascii():
         return None
-    request = Head(
-        method=method,
-        target=callbacks.url.decode("ascii"),
-        headers=callbacks.headers,
-        keep_alive=callbacks.keep_alive,
+    wants_websocket = upgrade and single.get("upgrade", "").lower() == "websocket"
+    if ("upgrade" in single or upgrade) and not wants_websocket:
+        # An upgrade to anything but WebSocket, or an Upgrade header the parser did not take as one.
+        return None
+    return Head(
+        method=method.decode("ascii"),
+        target=parser.url.decode("ascii"),
+        headers=parser.headers,
+        keep_alive=parser.keep_alive,
         upgrade=upgrade,
         size=len(head),
         single=single,
     )
-    wants_websocket = single.get("upgrade", "").lower() == "websocket"
-    if ("upgrade" in single or upgrade) and not (upgrade and wants_websocket):
-        # An upgrade to anything but WebSocket, or an Upgrade header the parser did not take as one.
-        return None
-    return request
 
 
 def _may_be_fast(buffer: bytearray) -> bool:
+    if len(buffer) >= FAST_START_MAX:
+        return buffer.startswith(FAST_STARTS)
     return any(buffer[: len(start)] == start[: len(buffer)] for start in FAST_STARTS)
+
+
+@dataclass(frozen=True, slots=True)
+class Deps:
+    """The app's shared objects the door uses on every request, looked up once: each app lookup is
+    a Python call, and the door's whole work per request is a few dozen."""
+
+    settings: Settings
+    preview_host: str
+    tokens: TokenVerifier
+    sessions: PreviewSessions
+    sandboxes: Sandboxes
+    activity: ActivityRecorder
+    upstream: UpstreamPool
+    metrics: Metrics
+
+    @classmethod
+    def of(cls, app: web.Application) -> Deps:
+        settings = app[SETTINGS]
+        return cls(
+            settings=settings,
+            preview_host=settings.preview_host,
+            tokens=app[TOKENS],
+            sessions=app[PREVIEW_SESSIONS],
+            sandboxes=app[SANDBOXES],
+            activity=app[ACTIVITY],
+            upstream=app[UPSTREAM],
+            metrics=app[METRICS],
+        )
 
 
 class GatewayServer(web.Server):
@@ -200,6 +251,11 @@ class GatewayServer(web.Server):
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
         return FrontDoor(self)
+
+    @functools.cached_property
+    def deps(self) -> Deps:
+        # On the first request, not at construction: by then the app has started and set them all.
+        return Deps.of(self.app)
 
     def aiohttp_protocol(self) -> RequestHandler:
         """aiohttp's own protocol, for a connection the front door hands over."""
@@ -239,6 +295,7 @@ class FrontDoor(asyncio.Protocol):
     def __init__(self, server: GatewayServer) -> None:
         self._server = server
         self._app = server.app
+        self._parser: HeadParser | None = None
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._busy = False  # a request is being answered, with or without a task
@@ -301,7 +358,9 @@ class FrontDoor(asyncio.Protocol):
             if len(buffer) > HEAD_LIMIT:
                 self._hand_over()
             return
-        request = parse_head(bytes(buffer[: end + 4]))
+        if self._parser is None:
+            self._parser = HeadParser()
+        request = parse_head(bytes(buffer[: end + 4]), self._parser)
         if request is None:
             self._hand_over()
             return
@@ -319,15 +378,13 @@ class FrontDoor(asyncio.Protocol):
             self._busy = False
             self._hand_over()
             return True
-        connection = None if preview is None else self._app[UPSTREAM].idle_connection(preview.port)
+        connection = None if preview is None else self.deps.upstream.idle_connection(preview.port)
         if preview is None or connection is None:
             return False
         request_id = request_id_for(request.header("x-request-id"))
         headers = upstream_headers(request.headers, self.remote, preview.host, "http")
         answered = functools.partial(self._answered, request, preview, request_id, time.perf_counter())
-        connection.send_then(
-            request_head(request.method, request.target, headers.items()), request.method, answered
-        )
+        connection.send_then(request_head(request.method, request.target, headers), request.method, answered)
         return True
 
     def _answered(
@@ -393,7 +450,7 @@ class FrontDoor(asyncio.Protocol):
 
     def _done(self, request: Head, status: int, started: float, request_id: str) -> None:
         """The answer is written: count it, then go on to the next request on the connection."""
-        _account(self._app, self.remote, request, status, time.perf_counter() - started, request_id)
+        _account(self.deps.metrics, self.remote, request, status, time.perf_counter() - started, request_id)
         self._server.answered += 1
         self._busy = False
         del self._buffer[: request.size]
@@ -434,6 +491,10 @@ class FrontDoor(asyncio.Protocol):
     @property
     def server(self) -> GatewayServer:
         return self._server
+
+    @property
+    def deps(self) -> Deps:
+        return self._server.deps
 
     @property
     def busy(self) -> bool:
@@ -483,10 +544,10 @@ class FrontDoor(asyncio.Protocol):
 
 
 def _account(
-    app: web.Application, remote: str, request: Head, status: int, seconds: float, request_id: str
+    metrics: Metrics, remote: str, request: Head, status: int, seconds: float, request_id: str
 ) -> None:
     """Metrics and the access line of an answer the door gave; a WebSocket's when it ends, as aiohttp's."""
-    app[METRICS].count_request(PREVIEW_ROUTE, request.method, status, seconds)
+    metrics.count_request(PREVIEW_ROUTE, request.method, status, seconds)
     if access_logger.isEnabledFor(logging.INFO):
         log_access(
             access_logger,
@@ -510,7 +571,7 @@ class _Preview:
 def _checked(door: FrontDoor, request: Head) -> tuple[str, str, str]:
     """The user, prefix and host of a request preview.preview would serve, with its checks in its
     order; HandOver for any refusal, which is aiohttp's to put in words."""
-    settings = door.app[SETTINGS]
+    deps = door.deps
     path = request.target.split("?", 1)[0]
     user = path.split("/", 3)[2] if path.count("/") >= 3 else ""
     prefix = f"/preview/{user}/"
@@ -518,12 +579,12 @@ def _checked(door: FrontDoor, request: Head) -> tuple[str, str, str]:
         raise HandOver
     host = request.header("host") or ""
     authorization = request.header("authorization")
-    if host != settings.preview_host and authorization is None:
+    if host != deps.preview_host and authorization is None:
         raise HandOver
     try:
-        check_viewer(user, authorization, request.header("cookie"), door.app[TOKENS], door.app[PREVIEW_KEY])
+        check_viewer(user, authorization, request.header("cookie"), deps.tokens, deps.sessions)
         if request.upgrade:
-            check_preview_origin(request.header("origin"), settings)
+            check_preview_origin(request.header("origin"), deps.settings)
     except GatewayError:
         raise HandOver from None
     return user, prefix, host
@@ -532,8 +593,9 @@ def _checked(door: FrontDoor, request: Head) -> tuple[str, str, str]:
 def _admit_now(door: FrontDoor, request: Head) -> _Preview | None:
     """_admit without waiting: None if the port must be looked up or activity written."""
     user, prefix, host = _checked(door, request)
-    port = door.app[SANDBOXES].cached_preview_port(user)
-    if port is None or door.app[ACTIVITY].due(user):
+    deps = door.deps
+    port = deps.sandboxes.cached_preview_port(user)
+    if port is None or deps.activity.due(user):
         return None
     return _Preview(user, prefix, port, host)
 
@@ -541,11 +603,11 @@ def _admit_now(door: FrontDoor, request: Head) -> _Preview | None:
 async def _admit(door: FrontDoor, request: Head) -> _Preview:
     user, prefix, host = _checked(door, request)
     try:
-        port = await door.app[SANDBOXES].preview_port(user)
+        port = await door.deps.sandboxes.preview_port(user)
     except GatewayError:
         raise HandOver from None
     current_request_id.set(request_id_for(request.header("x-request-id")))
-    await door.app[ACTIVITY].seen(user)
+    await door.deps.activity.seen(user)
     return _Preview(user, prefix, port, host)
 
 
@@ -553,9 +615,9 @@ async def serve_http(door: FrontDoor, request: Head) -> int:
     """Proxies one bodiless request; returns the status sent."""
     preview = await _admit(door, request)
     headers = upstream_headers(request.headers, door.remote, preview.host, "http")
-    head = request_head(request.method, request.target, headers.items())
+    head = request_head(request.method, request.target, headers)
     try:
-        upstream = await door.app[UPSTREAM].request(
+        upstream = await door.deps.upstream.request(
             preview.port, head, None, chunked=False, method=request.method
         )
     except UpstreamError:
@@ -568,11 +630,13 @@ async def serve_http(door: FrontDoor, request: Head) -> int:
     return status
 
 
-def _answer_headers(request: Head, prefix: str, upstream: Response, request_id: str) -> CIMultiDict[str]:
-    answer = response_headers(upstream.headers, prefix)
-    answer[REQUEST_ID_HEADER] = request_id
+def _answer_headers(
+    request: Head, prefix: str, upstream: Response, request_id: str, dropped: frozenset[str]
+) -> list[tuple[str, str]]:
+    answer = response_headers(upstream.headers, prefix, dropped)
+    answer.append((REQUEST_ID_HEADER, request_id))
     if not request.keep_alive:
-        answer[hdrs.CONNECTION] = "close"
+        answer.append((hdrs.CONNECTION, "close"))
     return answer
 
 
@@ -584,25 +648,26 @@ def answer_now(
     whole = upstream.complete_body()
     if whole is None:
         return None
-    answer = _answer_headers(request, prefix, upstream, request_id)
-    if request.method == "HEAD" or upstream.status in BODILESS_STATUSES:
+    status = upstream.status
+    if request.method == "HEAD" or status in BODILESS_STATUSES:
         # Their Content-Length, if any, describes a body they do not carry: it stays as it is.
-        door.write(_response_head(upstream.status, answer.items()))
+        door.write(_response_head(status, _answer_headers(request, prefix, upstream, request_id, DROPPED)))
     else:
-        answer[hdrs.CONTENT_LENGTH] = str(len(whole))
-        door.write(_response_head(upstream.status, answer.items()) + whole)
-    return upstream.status
+        answer = _answer_headers(request, prefix, upstream, request_id, DROPPED_SIZED)
+        answer.append((hdrs.CONTENT_LENGTH, str(len(whole))))
+        door.write(_response_head(status, answer) + whole)
+    return status
 
 
 async def stream_answer(
     door: FrontDoor, request: Head, prefix: str, upstream: Response, request_id: str
 ) -> int:
     """Writes the answer as its body comes: a 50 MB download or an event stream never sits in memory."""
-    answer = _answer_headers(request, prefix, upstream, request_id)
-    sized = hdrs.CONTENT_LENGTH in answer
+    answer = _answer_headers(request, prefix, upstream, request_id, DROPPED)
+    sized = any(name.lower() == "content-length" for name, _ in answer)
     if not sized:
-        answer[hdrs.TRANSFER_ENCODING] = "chunked"
-    door.write(_response_head(upstream.status, answer.items()))
+        answer.append((hdrs.TRANSFER_ENCODING, "chunked"))
+    door.write(_response_head(upstream.status, answer))
     try:
         async for chunk in upstream.body():
             door.write(chunk if sized else b"%x\r\n%b\r\n" % (len(chunk), chunk))
@@ -619,13 +684,10 @@ async def stream_answer(
 
 
 def _response_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Unknown"
-    lines = [f"HTTP/1.1 {status} {reason}", *(f"{name}: {value}" for name, value in headers)]
+    line = STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n"
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
     # Upstream values were decoded as latin-1 (upstream.py): encoded back, they are the bytes it sent.
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    return f"{line}{lines}\r\n".encode("latin-1", "replace")
 
 
 async def serve_websocket(door: FrontDoor, request: Head) -> int:
@@ -732,7 +794,7 @@ class Splice:
         client_ahead: bytes,
         upstream_ahead: bytes,
     ) -> None:
-        self._app = app = door.app
+        self._deps = deps = door.deps
         self._server = door.server
         self._remote = door.remote
         self._client = client
@@ -753,18 +815,18 @@ class Splice:
             upstream.write(client_ahead)
         self._server.splices.add(self)
         self._server.answered += 1
-        app[METRICS].open_websockets.labels("preview").inc()
+        deps.metrics.open_websockets.labels("preview").inc()
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(app[ACTIVITY].interval_s, self._record_activity)
+        self._timer = loop.call_later(deps.activity.interval_s, self._record_activity)
 
     def _record_activity(self) -> None:
         if self.moved != self._last_moved:
             self._last_moved = self.moved
-            task = asyncio.get_running_loop().create_task(self._app[ACTIVITY].seen(self._user))
+            task = asyncio.get_running_loop().create_task(self._deps.activity.seen(self._user))
             self._recording.add(task)
             task.add_done_callback(self._recording.discard)
         self._timer = asyncio.get_running_loop().call_later(
-            self._app[ACTIVITY].interval_s, self._record_activity
+            self._deps.activity.interval_s, self._record_activity
         )
 
     def close(self) -> None:
@@ -775,6 +837,6 @@ class Splice:
         self._client.close()
         self._upstream.close()
         self._server.splices.discard(self)
-        self._app[METRICS].open_websockets.labels("preview").dec()
+        self._deps.metrics.open_websockets.labels("preview").dec()
         seconds = time.perf_counter() - self._started
-        _account(self._app, self._remote, self._request, 101, seconds, self._request_id)
+        _account(self._deps.metrics, self._remote, self._request, 101, seconds, self._request_id)

@@ -9,6 +9,7 @@ from aiohttp import web
 from .activity import ActivityRecorder
 from .execute import ExecRunner
 from .metrics import Metrics
+from .preview_sessions import PreviewSessions
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .tokens import TokenVerifier
@@ -22,8 +23,8 @@ SANDBOXES = web.AppKey("sandboxes", Sandboxes)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)
-# The key that signs preview sessions, from gateway_secrets.
-PREVIEW_KEY = web.AppKey("preview_key", bytes)
+# Preview sessions, signed with a key from gateway_secrets.
+PREVIEW_SESSIONS = web.AppKey("preview_sessions", PreviewSessions)
 # The one upstream session of the preview proxy: pooled keep-alive connections to the sandboxes.
 UPSTREAM = web.AppKey("upstream", UpstreamPool)
 OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)

@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import Forbidden, GatewayError, InvalidRequest
-from .keys import ACTIVITY, METRICS, PREVIEW_KEY, SANDBOXES, SETTINGS, UPSTREAM
+from .keys import ACTIVITY, METRICS, SANDBOXES, SETTINGS, UPSTREAM
 from .preview_auth import LOGIN_PATH, authorize_viewer, rewrite_set_cookie, strip_preview_cookie
 from .schemas import check_identity_coding
 from .settings import Settings
@@ -49,6 +49,11 @@ REPLACED_REQUEST_HEADERS = frozenset({"host", "authorization", "expect"})
 # The gateway alone says where a request came from, in X-Forwarded-*: a client's own claims in these
 # would reach the dev server as if the gateway had made them.
 CLIENT_FORWARDING_HEADERS = frozenset({"forwarded", "x-real-ip"})
+# What of a client's request never reaches the dev server as the client sent it, by lower-case name.
+# The client's WebSocket handshake goes on only in an upgrade (upgrade_head), and X-Forwarded-For is
+# extended, not taken as it is.
+NOT_FORWARDED = HOP_BY_HOP | REPLACED_REQUEST_HEADERS | CLIENT_FORWARDING_HEADERS
+NOT_FORWARDED_PREFIXES = ("sec-websocket-", "x-forwarded-")
 DOT_SEGMENT = re.compile(r"(?:^|[/\\])\.\.?(?:[/\\]|$)")
 # The client's half of the handshake, which goes to the dev server (the other sec-websocket-* do not).
 WEBSOCKET_HANDSHAKE_HEADERS = frozenset(
@@ -78,7 +83,7 @@ async def preview(request: web.Request) -> web.StreamResponse:
         # A browser on the main origin: previews render only on the preview origin.
         raise web.HTTPTemporaryRedirect(f"{settings.preview_origin}{request.rel_url.raw_path_qs}")
     try:
-        authorize_viewer(request, user, request.app[PREVIEW_KEY])
+        authorize_viewer(request, user)
         port = await request.app[SANDBOXES].preview_port(user)
     except GatewayError as err:
         return _error(request, err)
@@ -115,9 +120,9 @@ async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.
     headers = upstream_headers(request.headers.items(), request.remote or "", request.host, request.scheme)
     chunked = request.body_exists and hdrs.CONTENT_LENGTH not in request.headers
     if chunked:
-        headers[hdrs.TRANSFER_ENCODING] = "chunked"
+        headers.append((hdrs.TRANSFER_ENCODING, "chunked"))
     # aiohttp refused CR and LF in the incoming request, so none reaches this head.
-    head = request_head(request.method, target.path, headers.items())
+    head = request_head(request.method, target.path, headers)
     body = request.content.iter_any() if request.body_exists else None
     try:
         upstream = await request.app[UPSTREAM].request(
@@ -126,14 +131,14 @@ async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.
     except UpstreamError as err:
         log.info("preview upstream %s failed: %s", target.port, err)
         return _not_listening(request)
-    headers = response_headers(upstream.headers, prefix)
+    answer = CIMultiDict(response_headers(upstream.headers, prefix))
     if request.method != "HEAD" and upstream.status not in BODILESS_STATUSES:
         whole = upstream.complete_body()
         if whole is not None:
             # Head and body in one write: the send() calls are most of the proxy's cost (py-spy).
-            headers.popall(hdrs.CONTENT_LENGTH, None)
-            return web.Response(status=upstream.status, headers=headers, body=whole)
-    response = web.StreamResponse(status=upstream.status, headers=headers)
+            answer.popall(hdrs.CONTENT_LENGTH, None)
+            return web.Response(status=upstream.status, headers=answer, body=whole)
+    response = web.StreamResponse(status=upstream.status, headers=answer)
     try:
         await response.prepare(request)
         # Streamed as it comes: a 50 MB download or an event stream never sits in memory.
@@ -150,46 +155,50 @@ async def _proxy_http(request: web.Request, target: Target, prefix: str) -> web.
 
 def upstream_headers(
     items: Iterable[tuple[str, str]], remote: str, host: str, scheme: str
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
     """What of a client's request headers goes to the dev server, and what the gateway adds."""
-    items = list(items)
+    kept: list[tuple[str, str]] = []
     connection_listed: set[str] = set()
     forwarded_for = None
     for name, value in items:
         lowered = name.lower()
-        if lowered == "connection":
-            connection_listed.update(token.strip().lower() for token in value.split(","))
-        elif lowered == "x-forwarded-for" and forwarded_for is None:
-            forwarded_for = value
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
-        lowered = name.lower()
-        if lowered in HOP_BY_HOP or lowered in connection_listed or lowered in REPLACED_REQUEST_HEADERS:
+        if lowered in NOT_FORWARDED or lowered.startswith(NOT_FORWARDED_PREFIXES):
+            if lowered == "connection":
+                connection_listed.update(token.strip().lower() for token in value.split(","))
+            elif lowered == "x-forwarded-for" and forwarded_for is None:
+                forwarded_for = value
             continue
         if lowered == "cookie":
             value = strip_preview_cookie(value)
             if not value:
                 continue
-        if lowered.startswith(("sec-websocket-", "x-forwarded-")) or lowered in CLIENT_FORWARDING_HEADERS:
-            continue
-        headers.add(name, value)
-    headers[hdrs.HOST] = UPSTREAM_HOST
-    headers["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
-    headers["X-Forwarded-Host"] = host
-    headers["X-Forwarded-Proto"] = scheme
-    return headers
+        kept.append((name, value))
+    if not connection_listed <= HOP_BY_HOP:
+        # Connection names headers of this hop only, wherever they stand in the request.
+        kept = [(name, value) for name, value in kept if name.lower() not in connection_listed]
+    kept += (
+        (hdrs.HOST, UPSTREAM_HOST),
+        ("X-Forwarded-For", f"{forwarded_for}, {remote}" if forwarded_for else remote),
+        ("X-Forwarded-Host", host),
+        ("X-Forwarded-Proto", scheme),
+    )
+    return kept
 
 
 def request_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", *(f"{name}: {value}" for name, value in headers)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    return f"{method} {target} HTTP/1.1\r\n{lines}\r\n".encode("utf-8", "surrogateescape")
 
 
-def response_headers(items: Iterable[tuple[str, str]], prefix: str) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
+def response_headers(
+    items: Iterable[tuple[str, str]], prefix: str, dropped: frozenset[str] = DROPPED_RESPONSE_HEADERS
+) -> list[tuple[str, str]]:
+    """What of the dev server's response headers goes to the client, with redirects and cookies kept
+    inside the preview. `dropped`: by lower-case name, the headers the caller sets itself."""
+    headers: list[tuple[str, str]] = []
     for name, value in items:
         lowered = name.lower()
-        if lowered in DROPPED_RESPONSE_HEADERS:
+        if lowered in dropped:
             continue
         if lowered == "location":
             value = _rewrite_location(value, prefix)
@@ -197,7 +206,7 @@ def response_headers(items: Iterable[tuple[str, str]], prefix: str) -> CIMultiDi
             value = rewrite_set_cookie(value, prefix)
             if not value:
                 continue
-        headers.add(name, value)
+        headers.append((name, value))
     return headers
 
 
@@ -256,16 +265,14 @@ def upgrade_head(items: Iterable[tuple[str, str]], target: str, remote: str, hos
     WebSocket handshake headers, which are the dev server's to answer."""
     items = list(items)
     headers = upstream_headers(items, remote, host, scheme)
-    headers[hdrs.UPGRADE] = "websocket"
-    headers[hdrs.CONNECTION] = "Upgrade"
+    headers += ((hdrs.UPGRADE, "websocket"), (hdrs.CONNECTION, "Upgrade"))
     handshake: dict[str, tuple[str, str]] = {}
     for name, value in items:
         if name.lower() in WEBSOCKET_HANDSHAKE_HEADERS:
             handshake.setdefault(name.lower(), (name, value))
-    for name, value in handshake.values():
-        headers[name] = value
+    headers += handshake.values()
     # The client's headers were parsed already (by aiohttp or httptools): no CR or LF reaches this.
-    return request_head("GET", target, headers.items())
+    return request_head("GET", target, headers)
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[str, str]]]:

@@ -11,50 +11,34 @@ never accepts it.
 
 from __future__ import annotations
 
-import time
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import urlencode
 
-import jwt
 from aiohttp import web
 
 from .auth import parse_bearer
 from .errors import Forbidden, InvalidRequest, Unauthorized
-from .keys import PREVIEW_KEY, SANDBOXES, SETTINGS, TOKENS, USER
-from .tokens import USER_PATTERN, TokenVerifier
+from .keys import PREVIEW_SESSIONS, SANDBOXES, SETTINGS, TOKENS, USER
+from .preview_sessions import (
+    SESSION_AUDIENCE,
+    SESSION_LIFETIME_S,
+    TICKET_AUDIENCE,
+    TICKET_LIFETIME_S,
+    PreviewSessions,
+    sign,
+    verified_user,
+)
+from .tokens import TokenVerifier
 
 COOKIE = "sandbox_preview"
 LOGIN_PATH = "/_preview/login"
-TICKET_AUDIENCE = "sandbox-gateway:preview-login"
-SESSION_AUDIENCE = "sandbox-gateway:preview-session"
-TICKET_LIFETIME_S = 60
-SESSION_LIFETIME_S = 12 * 3600
-ALGORITHM = "HS256"
-
-
-def _sign(user: str, audience: str, lifetime_s: int, key: bytes) -> str:
-    now = int(time.time())
-    return jwt.encode(
-        {"sub": user, "aud": audience, "iat": now, "exp": now + lifetime_s}, key, algorithm=ALGORITHM
-    )
-
-
-def _verified_user(token: str, audience: str, key: bytes) -> str | None:
-    try:
-        claims = jwt.decode(
-            token, key, algorithms=[ALGORITHM], audience=audience, options={"require": ["exp", "sub", "aud"]}
-        )
-    except jwt.InvalidTokenError:
-        return None
-    user = claims["sub"]
-    return user if isinstance(user, str) and USER_PATTERN.fullmatch(user) else None
 
 
 async def preview_session(request: web.Request) -> web.Response:
     """POST /api/sandbox/preview-session: a login URL that gives this browser the preview cookie."""
     user = request[USER]
     settings = request.app[SETTINGS]
-    ticket = _sign(user, TICKET_AUDIENCE, TICKET_LIFETIME_S, request.app[PREVIEW_KEY])
+    ticket = sign(user, TICKET_AUDIENCE, TICKET_LIFETIME_S, request.app[PREVIEW_SESSIONS].key)
     login_url = f"{settings.preview_origin}{LOGIN_PATH}?{urlencode({'ticket': ticket})}"
     body = {
         "login_url": login_url,
@@ -69,7 +53,7 @@ async def preview_login(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if request.host != settings.preview_host:
         raise InvalidRequest("preview logins happen on the preview origin")
-    user = _verified_user(request.query.get("ticket", ""), TICKET_AUDIENCE, request.app[PREVIEW_KEY])
+    user = verified_user(request.query.get("ticket", ""), TICKET_AUDIENCE, request.app[PREVIEW_SESSIONS].key)
     if user is None:
         raise Unauthorized(
             "the preview login link is invalid or has expired; open the preview from the page again"
@@ -77,7 +61,7 @@ async def preview_login(request: web.Request) -> web.StreamResponse:
     response = web.HTTPSeeOther(f"/preview/{user}/")
     response.set_cookie(
         COOKIE,
-        _sign(user, SESSION_AUDIENCE, SESSION_LIFETIME_S, request.app[PREVIEW_KEY]),
+        sign(user, SESSION_AUDIENCE, SESSION_LIFETIME_S, request.app[PREVIEW_SESSIONS].key),
         path=f"/preview/{user}/",
         max_age=SESSION_LIFETIME_S,
         httponly=True,
@@ -89,14 +73,24 @@ async def preview_login(request: web.Request) -> web.StreamResponse:
     raise response
 
 
-def authorize_viewer(request: web.Request, owner: str, key: bytes) -> None:
+def authorize_viewer(request: web.Request, owner: str) -> None:
     """Lets the request through only if it comes from the preview's owner."""
     headers = request.headers
-    check_viewer(owner, headers.get("Authorization"), headers.get("Cookie"), request.app[TOKENS], key)
+    check_viewer(
+        owner,
+        headers.get("Authorization"),
+        headers.get("Cookie"),
+        request.app[TOKENS],
+        request.app[PREVIEW_SESSIONS],
+    )
 
 
 def check_viewer(
-    owner: str, authorization: str | None, cookie_header: str | None, tokens: TokenVerifier, key: bytes
+    owner: str,
+    authorization: str | None,
+    cookie_header: str | None,
+    tokens: TokenVerifier,
+    sessions: PreviewSessions,
 ) -> None:
     """The preview's owner, by bearer token or preview cookie, passes; anyone else gets the error
     to answer with. Takes header values, not a request: the front door (frontdoor.py) asks it too."""
@@ -105,7 +99,7 @@ def check_viewer(
         viewer = tokens.verify(parse_bearer(authorization)).user
     else:
         cookie = preview_cookie(cookie_header or "")
-        viewer = _verified_user(cookie, SESSION_AUDIENCE, key) if cookie else None
+        viewer = sessions.user(cookie) if cookie else None
         if viewer is None:
             raise Unauthorized("sign in to see this preview: open it from the page, or send a bearer token")
     if viewer != owner:

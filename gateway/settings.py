@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -88,17 +89,18 @@ class Settings:
     # "json" (one object per line) or "text".
     log_format: str = "json"
 
-    @property
+    # Cached: the preview proxy asks for these on every request, and Settings never changes.
+    @cached_property
     def public_origin(self) -> str:
         """scheme://host[:port] of the page and API, as browsers see it (also behind a proxy)."""
         parts = urlsplit(self.public_url)
         return f"{parts.scheme}://{parts.netloc}"
 
-    @property
+    @cached_property
     def public_host(self) -> str:
         return urlsplit(self.public_url).netloc
 
-    @property
+    @cached_property
     def preview_origin(self) -> str:
         if self.preview_url:
             parts = urlsplit(self.preview_url)
@@ -106,7 +108,7 @@ class Settings:
         parts = urlsplit(self.public_url)
         return f"{parts.scheme}://preview.{parts.netloc}"
 
-    @property
+    @cached_property
     def preview_host(self) -> str:
         return urlsplit(self.preview_origin).netloc
 

@@ -6,7 +6,7 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import jwt
 
@@ -16,6 +16,7 @@ from .settings import Settings
 # The user name appears in container names and URLs (/preview/<user>/), so it is kept to this.
 USER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LEEWAY_S = 5
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,25 +58,42 @@ def _is_admin(claims: dict[str, Any], settings: Settings) -> bool:
     return value == settings.admin_value
 
 
+class VerifiedMemo(Generic[V]):
+    """What verifying a token gave, keyed by the exact token, each entry good until the token's own
+    expiry; the least recently used goes past `size`. A signature check costs more than the rest of a
+    proxied preview request's own work, so the proxy asks this first."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[V, float]] = OrderedDict()
+
+    def get(self, token: str) -> V | None:
+        hit = self._entries.get(token)
+        if hit is None or hit[1] <= time.time():
+            return None
+        self._entries.move_to_end(token)
+        return hit[0]
+
+    def put(self, token: str, value: V, expires: float) -> None:
+        self._entries[token] = (value, expires)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
 class TokenVerifier:
-    """verify_token with a memory of tokens already verified: a signature check costs more than the
-    rest of a proxied preview request's own work. Keyed by the exact token, so a hit is the same
-    bytes that passed before; the expiry is checked on every hit."""
+    """verify_token with a memory of the tokens that passed (a hit is the same bytes that passed
+    before, and its expiry is checked on every hit)."""
 
     def __init__(self, settings: Settings, size: int = 4096) -> None:
         self._settings = settings
-        self._size = size
-        self._verified: OrderedDict[str, Identity] = OrderedDict()
+        self._verified: VerifiedMemo[Identity] = VerifiedMemo(size)
 
     def verify(self, token: str) -> Identity:
         hit = self._verified.get(token)
-        if hit is not None and hit.expires > time.time():
-            self._verified.move_to_end(token)
+        if hit is not None:
             return hit
         identity = verify_token(token, self._settings)
-        self._verified[token] = identity
-        if len(self._verified) > self._size:
-            self._verified.popitem(last=False)
+        self._verified.put(token, identity, identity.expires)
         return identity
 
 

@@ -238,7 +238,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or not self._keep_alive:
             self.close()
             return
-        self._parser = httptools.HttpResponseParser(self)
+        # The same parser reads the next response: llhttp takes one message after another.
         self._headers, self._head, self._complete = [], None, False
         self.idle_since = time.monotonic()
         # A body taken whole (complete_body) may have paused reading on its way past HIGH_WATER; a

@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.errors import Unauthorized
+from gateway.preview_sessions import SESSION_AUDIENCE, TICKET_AUDIENCE, PreviewSessions, sign
 from gateway.settings import Settings, SettingsError
-from gateway.tokens import TokenVerifier, verify_token
+from gateway.tokens import TokenVerifier, VerifiedMemo, verify_token
 
 from .helpers import JWT_SECRET, auth
 
@@ -142,3 +143,25 @@ def test_verifier_remembers_only_what_passed() -> None:
     for user in ("bob", "carol", "dave"):
         assert verifier.verify(token(valid_claims(sub=user))).user == user
     assert verifier.verify(good).user == "alice"
+
+
+def test_memo_forgets_what_has_expired() -> None:
+    memo: VerifiedMemo[str] = VerifiedMemo(size=8)
+    memo.put("fresh", "alice", time.time() + 60)
+    memo.put("stale", "bob", time.time() - 1)
+    assert memo.get("fresh") == "alice"
+    assert memo.get("stale") is None
+    assert memo.get("unknown") is None
+
+
+def test_preview_sessions_remember_only_cookies_that_passed() -> None:
+    key = b"preview-key-for-the-tests-32-bytes!"
+    sessions = PreviewSessions(key, size=2)
+    cookie = sign("alice", SESSION_AUDIENCE, 60, key)
+    assert sessions.user(cookie) == "alice"
+    assert sessions.user(cookie) == "alice"
+    # A ticket is not a session, another key's cookie is not ours, an expired one is over.
+    assert sessions.user(sign("alice", TICKET_AUDIENCE, 60, key)) is None
+    assert sessions.user(sign("alice", SESSION_AUDIENCE, 60, b"another-key-that-is-long-enough-32b")) is None
+    assert sessions.user(sign("alice", SESSION_AUDIENCE, -60, key)) is None
+    assert sessions.user("not.a.token") is None

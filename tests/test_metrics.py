@@ -5,7 +5,10 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import HttpRequests
 
 from .helpers import MakeClient, auth, free_port, poll
 
@@ -122,3 +125,21 @@ async def test_docker_errors_are_counted(make_client: MakeClient) -> None:
     scraped = await scrape(client)
     assert value(scraped, "sandbox_gateway_docker_errors_total", code="docker_unavailable") == 1
     assert value(scraped, "sandbox_gateway_sandbox_starts_total", result="failed") == 1
+
+
+def test_request_durations_fall_in_inclusive_cumulative_buckets() -> None:
+    registry = CollectorRegistry()
+    requests = HttpRequests(buckets=(0.1, 1.0))
+    registry.register(requests)
+    for seconds in (0.05, 0.1, 0.5, 3.0):
+        requests.count("/r", "GET", 200, seconds)
+    requests.count("/r", "POST", 404, 0.01)
+    scraped = samples(generate_latest(registry).decode())
+    assert value(scraped, "sandbox_gateway_http_requests_total", route="/r", method="GET", status="200") == 4
+    assert value(scraped, "sandbox_gateway_http_requests_total", route="/r", method="POST", status="404") == 1
+    buckets = {le: value(scraped, "sandbox_gateway_http_request_seconds_bucket", route="/r", le=le)
+               for le in ("0.1", "1.0", "+Inf")}  # fmt: skip
+    # `le` includes its bound: 0.1 s counts in the 0.1 bucket, and every bucket counts those below.
+    assert buckets == {"0.1": 3, "1.0": 4, "+Inf": 5}
+    assert value(scraped, "sandbox_gateway_http_request_seconds_count", route="/r") == 5
+    assert value(scraped, "sandbox_gateway_http_request_seconds_sum", route="/r") == pytest.approx(3.66)
