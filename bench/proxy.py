@@ -5,18 +5,19 @@ configurable-http-proxy (JupyterHub's proxy), against the same upstream server i
 
 HTTP: wrk against a 2-byte response at 1, 16 and 64 connections (requests/s, p50, p99), and curl
 downloading 200 MB (MB/s). WebSocket: one connection, echo round trips one at a time (p50) and
-messages/s with 64 in flight, from the same aiohttp client for all three. Needs wrk, curl and Node.js
-on the host (scripts/bench.sh installs them); CHP comes from the npm registry into .state/bench/.
+messages/s with 64 in flight, from the same client for all three (ws_echo.js: Node.js and the `ws`
+package; a Python client was slower than the proxies it measured). Needs wrk, curl and Node.js on the
+host (scripts/bench.sh installs them); CHP and `ws` come from the npm registry into .state/bench/.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import re
-import statistics
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import aiohttp
 from .common import ROOT, Gateway, free_port, running_gateway
 
 UPSTREAM_JS = ROOT / "tests" / "fixtures" / "upstream.js"
-CHP_DIR = ROOT / ".state" / "bench" / "chp"
+NODE_TOOLS = ROOT / ".state" / "bench" / "chp"
+WS_ECHO_JS = Path(__file__).with_name("ws_echo.js")
 CONNECTIONS = (1, 16, 64)
 USER = "bench"
 
@@ -72,18 +74,20 @@ async def start_upstream(gateway: Gateway, docker: aiodocker.Docker) -> int:
     raise RuntimeError("the upstream server did not start")
 
 
-def install_chp() -> Path:
-    binary = CHP_DIR / "node_modules" / ".bin" / "configurable-http-proxy"
-    if not binary.exists():
-        CHP_DIR.mkdir(parents=True, exist_ok=True)
+def install_node_tools() -> Path:
+    """configurable-http-proxy and the `ws` package for ws_echo.js, from the npm registry, once."""
+    binary = NODE_TOOLS / "node_modules" / ".bin" / "configurable-http-proxy"
+    if not binary.exists() or not (NODE_TOOLS / "node_modules" / "ws").exists():
+        NODE_TOOLS.mkdir(parents=True, exist_ok=True)
         npm = [
             "npm",
             "install",
             "--no-audit",
             "--no-fund",
             "--prefix",
-            str(CHP_DIR),
+            str(NODE_TOOLS),
             "configurable-http-proxy@4",
+            "ws@8",
         ]
         subprocess.run(npm, check=True, capture_output=True)
     return binary
@@ -92,7 +96,7 @@ def install_chp() -> Path:
 @asynccontextmanager
 async def chp(target_port: int) -> AsyncIterator[int]:
     """configurable-http-proxy in front of the upstream, installed once from the npm registry."""
-    binary = await asyncio.to_thread(install_chp)
+    binary = await asyncio.to_thread(install_node_tools)
     port, api_port = free_port(), free_port()
     arguments = [
         "--ip",
@@ -159,31 +163,18 @@ def download(route: Route, megabytes: int) -> float:
     return float(output.stdout) / 1e6
 
 
-async def websocket(route: Route, round_trips: int, messages: int) -> tuple[float, float]:
-    """p50 round trip in ms, and messages/s echoed with 64 in flight."""
+def websocket(route: Route, round_trips: int, messages: int) -> tuple[float, float]:
+    """p50 round trip in ms, and messages/s echoed with 64 in flight (ws_echo.js)."""
     url = route.base.replace("http://", "ws://") + "ws"
-    async with aiohttp.ClientSession() as session, session.ws_connect(url, headers=route.headers) as ws:
-        latencies = []
-        for _ in range(round_trips):
-            started = time.perf_counter()
-            await ws.send_str("x")
-            await ws.receive()
-            latencies.append(time.perf_counter() - started)
-        window = asyncio.Semaphore(64)
-
-        async def sender() -> None:
-            for _ in range(messages):
-                await window.acquire()
-                await ws.send_str("m")
-
-        started = time.perf_counter()
-        sending = asyncio.ensure_future(sender())
-        for _ in range(messages):
-            await ws.receive()
-            window.release()
-        await sending
-        rate = messages / (time.perf_counter() - started)
-    return statistics.median(latencies) * 1000, rate
+    output = subprocess.run(
+        ["node", str(WS_ECHO_JS), url, json.dumps(route.headers), str(round_trips), str(messages), "64"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NODE_PATH": str(NODE_TOOLS / "node_modules")},
+    ).stdout
+    result = json.loads(output)
+    return float(result["p50_ms"]), float(result["rate"])
 
 
 async def main(seconds: int) -> None:
@@ -202,7 +193,7 @@ async def main(seconds: int) -> None:
             ]
             http = {r.name: {c: wrk(r, c, seconds) for c in CONNECTIONS} for r in routes}
             downloads = {r.name: download(r, 200) for r in routes}
-            sockets = {r.name: await websocket(r, 2000, 20_000) for r in routes}
+            sockets = {r.name: websocket(r, 5000, 200_000) for r in routes}
 
     direct = "direct"
     print(f"\nHTTP GET of 2 bytes (wrk, {seconds} s each)")
@@ -222,7 +213,7 @@ async def main(seconds: int) -> None:
     print("\nDownload of 200 MB (curl)")
     for name, rate in downloads.items():
         print(f"  {name:<26}{rate:>10.0f} MB/s{rate / downloads[direct]:>8.2f}x")
-    print("\nWebSocket echo (one connection; aiohttp client)")
+    print("\nWebSocket echo (one connection; node client with the ws package)")
     print(f"  {'':<26}{'p50 ms':>10}{'msg/s':>10}{'x msg/s':>9}")
     for name, (p50, rate) in sockets.items():
         print(f"  {name:<26}{p50:>10.3f}{rate:>10.0f}{rate / sockets[direct][1]:>9.2f}")

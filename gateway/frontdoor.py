@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ FAST_START_MAX = max(len(start) for start in FAST_STARTS)
 # Longer heads go to aiohttp, which has the limits and the 431 for them.
 HEAD_LIMIT = 16 * 1024
 # Control bytes other than CR, LF and tab: legal to no strict parser, and aiohttp's to refuse.
-CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 # Bytes a client may send ahead (pipelining) before reading from it pauses.
 READ_AHEAD = 256 * 1024
 KEEPALIVE_S = 75.0  # as aiohttp's keepalive_timeout
@@ -149,15 +148,15 @@ class HeadParser:
 
 
 def _plain(head: bytes) -> bool:
-    """No control bytes, no bare CR or LF, no obs-fold. (Counting beats one regex with lookarounds
-    by four times, on every request.)"""
+    """No control bytes, no bare CR or LF, no obs-fold. (Counting, and deleting the control bytes
+    to see whether any were there, beat regular expressions by four times, on every request.)"""
     crlf = head.count(b"\r\n")
     return (
         head.count(b"\r") == crlf
         and head.count(b"\n") == crlf
         and b"\n " not in head
         and b"\n\t" not in head
-        and CONTROL_BYTES.search(head) is None
+        and len(head.translate(None, CONTROL_BYTES)) == len(head)
     )
 
 
