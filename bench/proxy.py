@@ -1,13 +1,15 @@
 """The preview proxy side by side: direct to the published port, through the gateway, and through
 configurable-http-proxy (JupyterHub's proxy), against the same upstream server in a sandbox.
 
-    .venv/bin/python -m bench.proxy [--seconds S]
+    .venv/bin/python -m bench.proxy [--seconds S] [--rounds N]
 
 HTTP: wrk against a 2-byte response at 1, 16 and 64 connections (requests/s, p50, p99), and curl
 downloading 200 MB (MB/s). WebSocket: one connection, echo round trips one at a time (p50) and
 messages/s with 64 in flight, from the same client for all three (ws_echo.js: Node.js and the `ws`
 package; a Python client was slower than the proxies it measured). Needs wrk, curl and Node.js on the
 host (scripts/bench.sh installs them); CHP and `ws` come from the npm registry into .state/bench/.
+Every measurement is taken in interleaved rounds (direct, gateway, CHP, then again) and the medians
+are printed: on a shared machine one run alone varies by a fifth.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -177,7 +181,31 @@ def websocket(route: Route, round_trips: int, messages: int) -> tuple[float, flo
     return float(result["p50_ms"]), float(result["rate"])
 
 
-async def main(seconds: int) -> None:
+Measured = tuple[float, ...]
+
+
+def median_of(samples: list[Measured]) -> Measured:
+    """The median of each field across rounds."""
+    return tuple(statistics.median(field) for field in zip(*samples, strict=True))
+
+
+def measure(routes: list[Route], rounds: int, seconds: int) -> dict[str, dict[str, Measured]]:
+    """Every measurement of every route, `rounds` times, the routes taking turns within each round:
+    on a shared 2-core machine one run varies by a fifth from minute to minute, and interleaved
+    rounds spread that over all three alike. Medians per route and measurement."""
+    samples: dict[str, dict[str, list[Measured]]] = {r.name: defaultdict(list) for r in routes}
+    for _ in range(rounds):
+        for route in routes:
+            for c in CONNECTIONS:
+                samples[route.name][f"c={c}"].append(wrk(route, c, seconds))
+            samples[route.name]["download"].append((download(route, 200),))
+            samples[route.name]["websocket"].append(websocket(route, 5000, 100_000))
+    return {
+        name: {key: median_of(values) for key, values in by_key.items()} for name, by_key in samples.items()
+    }
+
+
+async def main(seconds: int, rounds: int) -> None:
     async with running_gateway() as gateway, aiodocker.Docker() as docker:
         upstream_port = await start_upstream(gateway, docker)
         async with chp(upstream_port) as chp_port:
@@ -191,36 +219,45 @@ async def main(seconds: int) -> None:
                 ),
                 Route("configurable-http-proxy", f"http://127.0.0.1:{chp_port}/preview/{USER}/"),
             ]
-            http = {r.name: {c: wrk(r, c, seconds) for c in CONNECTIONS} for r in routes}
-            downloads = {r.name: download(r, 200) for r in routes}
-            sockets = {r.name: websocket(r, 5000, 200_000) for r in routes}
+            results = await asyncio.to_thread(measure, routes, rounds, seconds)
+    report(results, seconds, rounds)
 
-    direct = "direct"
+
+def report(results: dict[str, dict[str, Measured]], seconds: int, rounds: int) -> None:
+    direct, chp_name = results["direct"], results["configurable-http-proxy"]
+    print(f"\nMedians of {rounds} interleaved rounds.")
     print(f"\nHTTP GET of 2 bytes (wrk, {seconds} s each)")
     print(
         f"  {'':<26}"
         + "".join(f"{f'c={c} req/s':>14}{'p50 ms':>8}{'p99 ms':>8}{'x':>6}" for c in CONNECTIONS)
     )
-    for name, results in http.items():
+    for name, measured in results.items():
         cells = ""
         for c in CONNECTIONS:
-            rps, p50, p99 = results[c]
-            cells += f"{rps:>14.0f}{p50:>8.2f}{p99:>8.2f}{rps / http[direct][c][0]:>6.2f}"
+            rps, p50, p99 = measured[f"c={c}"]
+            cells += f"{rps:>14.0f}{p50:>8.2f}{p99:>8.2f}{rps / direct[f'c={c}'][0]:>6.2f}"
         print(f"  {name:<26}{cells}")
-    added = http["gateway"][1][1] - http[direct][1][1]
-    print(f"  gateway adds {added:.2f} ms to the p50 at c=1; gateway / CHP at c=16: "
-          f"{http['gateway'][16][0] / http['configurable-http-proxy'][16][0]:.2f}x")  # fmt: skip
+    gateway = results["gateway"]
+    added = gateway["c=1"][1] - direct["c=1"][1]
+    versus_chp = "; ".join(f"c={c} {gateway[f'c={c}'][0] / chp_name[f'c={c}'][0]:.2f}x" for c in CONNECTIONS)
+    print(f"  gateway adds {added:.2f} ms to the p50 at c=1; gateway / CHP req/s: {versus_chp}")
     print("\nDownload of 200 MB (curl)")
-    for name, rate in downloads.items():
-        print(f"  {name:<26}{rate:>10.0f} MB/s{rate / downloads[direct]:>8.2f}x")
+    for name, measured in results.items():
+        rate = measured["download"][0]
+        print(f"  {name:<26}{rate:>10.0f} MB/s{rate / direct['download'][0]:>8.2f}x")
     print("\nWebSocket echo (one connection; node client with the ws package)")
     print(f"  {'':<26}{'p50 ms':>10}{'msg/s':>10}{'x msg/s':>9}")
-    for name, (p50, rate) in sockets.items():
-        print(f"  {name:<26}{p50:>10.3f}{rate:>10.0f}{rate / sockets[direct][1]:>9.2f}")
-    print(f"  gateway adds {sockets['gateway'][0] - sockets[direct][0]:.3f} ms to the round-trip p50")
+    for name, measured in results.items():
+        p50, rate = measured["websocket"]
+        print(f"  {name:<26}{p50:>10.3f}{rate:>10.0f}{rate / direct['websocket'][1]:>9.2f}")
+    added_ws = gateway["websocket"][0] - direct["websocket"][0]
+    print(f"  gateway adds {added_ws:.3f} ms to the round-trip p50; gateway / CHP msg/s: "
+          f"{gateway['websocket'][1] / chp_name['websocket'][1]:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=5)
-    asyncio.run(main(parser.parse_args().seconds))
+    parser.add_argument("--seconds", type=int, default=3, help="each wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.seconds, arguments.rounds))

@@ -294,6 +294,8 @@ class FrontDoor(asyncio.Protocol):
     def __init__(self, server: GatewayServer) -> None:
         self._server = server
         self._app = server.app
+        # Kept: get_running_loop() makes a getpid() system call, and _used runs on every request.
+        self._loop = asyncio.get_running_loop()
         self._parser: HeadParser | None = None
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -528,7 +530,7 @@ class FrontDoor(asyncio.Protocol):
             self.close()
 
     def _used(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._last_used = loop.time()
         if self._idle_check is None:
             self._idle_check = loop.call_at(self._last_used + KEEPALIVE_S, self._check_idle)

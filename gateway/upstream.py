@@ -57,6 +57,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, port: int) -> None:
         self._pool = pool
         self.port = port
+        # Kept: get_running_loop() makes a getpid() system call, and send runs on every request.
+        self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[Response] | None = None
@@ -168,7 +170,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, method: str) -> asyncio.Future[Response]:
         """Sends a bodiless request; the future resolves with the response head."""
         assert self._transport is not None
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self._loop.create_future()
         self._skip_body = method == "HEAD"
         self._transport.write(head)
         return self._head
