@@ -213,7 +213,6 @@ class Deps:
     a Python call, and the door's whole work per request is a few dozen."""
 
     settings: Settings
-    preview_host: str
     tokens: TokenVerifier
     sessions: PreviewSessions
     sandboxes: Sandboxes
@@ -223,10 +222,8 @@ class Deps:
 
     @classmethod
     def of(cls, app: web.Application) -> Deps:
-        settings = app[SETTINGS]
         return cls(
-            settings=settings,
-            preview_host=settings.preview_host,
+            settings=app[SETTINGS],
             tokens=app[TOKENS],
             sessions=app[PREVIEW_SESSIONS],
             sandboxes=app[SANDBOXES],
@@ -293,7 +290,6 @@ class GatewayRunner(web.AppRunner):
 class FrontDoor(asyncio.Protocol):
     def __init__(self, server: GatewayServer) -> None:
         self._server = server
-        self._app = server.app
         # Kept: get_running_loop() makes a getpid() system call, and _used runs on every request.
         self._loop = asyncio.get_running_loop()
         self._parser: HeadParser | None = None
@@ -486,10 +482,6 @@ class FrontDoor(asyncio.Protocol):
 
     # -- used by the serve functions --
     @property
-    def app(self) -> web.Application:
-        return self._app
-
-    @property
     def server(self) -> GatewayServer:
         return self._server
 
@@ -580,7 +572,7 @@ def _checked(door: FrontDoor, request: Head) -> tuple[str, str, str]:
         raise HandOver
     host = request.header("host") or ""
     authorization = request.header("authorization")
-    if host != deps.preview_host and authorization is None:
+    if host != deps.settings.preview_host and authorization is None:
         raise HandOver
     try:
         check_viewer(user, authorization, request.header("cookie"), deps.tokens, deps.sessions)
