@@ -9,7 +9,8 @@ messages/s with 64 in flight, from the same client for all three (ws_echo.js: No
 package; a Python client was slower than the proxies it measured). Needs wrk, curl and Node.js on the
 host (scripts/bench.sh installs them); CHP and `ws` come from the npm registry into .state/bench/.
 Every measurement is taken in interleaved rounds (direct, gateway, CHP, then again) and the medians
-are printed: on a shared machine one run alone varies by a fifth.
+are printed: on a shared machine one run alone varies by a fifth. Gateway / CHP is also given round
+by round (median, lowest, highest), each round's two runs having met the same minute of the machine.
 """
 
 from __future__ import annotations
@@ -189,20 +190,35 @@ def median_of(samples: list[Measured]) -> Measured:
     return tuple(statistics.median(field) for field in zip(*samples, strict=True))
 
 
-def measure(routes: list[Route], rounds: int, seconds: int) -> dict[str, dict[str, Measured]]:
+Samples = dict[str, dict[str, list[Measured]]]
+
+
+def measure(routes: list[Route], rounds: int, seconds: int) -> Samples:
     """Every measurement of every route, `rounds` times, the routes taking turns within each round:
     on a shared 2-core machine one run varies by a fifth from minute to minute, and interleaved
-    rounds spread that over all three alike. Medians per route and measurement."""
-    samples: dict[str, dict[str, list[Measured]]] = {r.name: defaultdict(list) for r in routes}
+    rounds spread that over all three alike."""
+    samples: Samples = {r.name: defaultdict(list) for r in routes}
     for _ in range(rounds):
         for route in routes:
             for c in CONNECTIONS:
                 samples[route.name][f"c={c}"].append(wrk(route, c, seconds))
             samples[route.name]["download"].append((download(route, 200),))
             samples[route.name]["websocket"].append(websocket(route, 5000, 100_000))
+    return samples
+
+
+def medians(samples: Samples) -> dict[str, dict[str, Measured]]:
     return {
         name: {key: median_of(values) for key, values in by_key.items()} for name, by_key in samples.items()
     }
+
+
+def round_ratios(samples: Samples, key: str, index: int) -> str:
+    """gateway / CHP within each round, where both met the same minute of the machine: the median,
+    and the lowest and highest round."""
+    gateway, chp_name = samples["gateway"][key], samples["configurable-http-proxy"][key]
+    ratios = sorted(ours[index] / theirs[index] for ours, theirs in zip(gateway, chp_name, strict=True))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 async def main(seconds: int, rounds: int) -> None:
@@ -219,12 +235,13 @@ async def main(seconds: int, rounds: int) -> None:
                 ),
                 Route("configurable-http-proxy", f"http://127.0.0.1:{chp_port}/preview/{USER}/"),
             ]
-            results = await asyncio.to_thread(measure, routes, rounds, seconds)
-    report(results, seconds, rounds)
+            samples = await asyncio.to_thread(measure, routes, rounds, seconds)
+    report(samples, seconds, rounds)
 
 
-def report(results: dict[str, dict[str, Measured]], seconds: int, rounds: int) -> None:
-    direct, chp_name = results["direct"], results["configurable-http-proxy"]
+def report(samples: Samples, seconds: int, rounds: int) -> None:
+    results = medians(samples)
+    direct = results["direct"]
     print(f"\nMedians of {rounds} interleaved rounds.")
     print(f"\nHTTP GET of 2 bytes (wrk, {seconds} s each)")
     print(
@@ -239,8 +256,9 @@ def report(results: dict[str, dict[str, Measured]], seconds: int, rounds: int) -
         print(f"  {name:<26}{cells}")
     gateway = results["gateway"]
     added = gateway["c=1"][1] - direct["c=1"][1]
-    versus_chp = "; ".join(f"c={c} {gateway[f'c={c}'][0] / chp_name[f'c={c}'][0]:.2f}x" for c in CONNECTIONS)
-    print(f"  gateway adds {added:.2f} ms to the p50 at c=1; gateway / CHP req/s: {versus_chp}")
+    print(f"  gateway adds {added:.2f} ms to the p50 at c=1")
+    for c in CONNECTIONS:
+        print(f"  gateway / CHP req/s at c={c}, per round: {round_ratios(samples, f'c={c}', 0)}")
     print("\nDownload of 200 MB (curl)")
     for name, measured in results.items():
         rate = measured["download"][0]
@@ -251,8 +269,8 @@ def report(results: dict[str, dict[str, Measured]], seconds: int, rounds: int) -
         p50, rate = measured["websocket"]
         print(f"  {name:<26}{p50:>10.3f}{rate:>10.0f}{rate / direct['websocket'][1]:>9.2f}")
     added_ws = gateway["websocket"][0] - direct["websocket"][0]
-    print(f"  gateway adds {added_ws:.3f} ms to the round-trip p50; gateway / CHP msg/s: "
-          f"{gateway['websocket'][1] / chp_name['websocket'][1]:.2f}x")  # fmt: skip
+    print(f"  gateway adds {added_ws:.3f} ms to the round-trip p50")
+    print(f"  gateway / CHP msg/s, per round: {round_ratios(samples, 'websocket', 1)}")
 
 
 if __name__ == "__main__":
