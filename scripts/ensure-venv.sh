@@ -31,6 +31,8 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
 fi
 say "installing Python dependencies into .venv ($("$python" --version), $python)"
 "$python" -m venv --clear "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -r "$lock"
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$ROOT"
+# -qq: errors only. Debian's pip 23.0 warns once per package about every find-links location a
+# machine's pip configuration names and lacks, which buried the set-up's own output.
+"$VENV/bin/pip" install -qq --disable-pip-version-check -r "$lock"
+"$VENV/bin/pip" install -qq --disable-pip-version-check --no-deps -e "$ROOT"
 echo "$want" >"$stamp"
