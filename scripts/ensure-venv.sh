@@ -20,6 +20,8 @@ pick_python() {
 }
 
 python=$(pick_python)
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
+    die "$python is not a Python 3.11 or newer (SANDBOX_GATEWAY_PYTHON names the interpreter)"
 lock=$ROOT/requirements.lock
 stamp=$VENV/.lock-sha256
 want=$( (sha256sum "$lock" "$ROOT/pyproject.toml"; readlink -f "$python") | sha256sum | cut -d' ' -f1)
