@@ -216,8 +216,8 @@ def medians(samples: Samples) -> dict[str, dict[str, Measured]]:
 def round_ratios(samples: Samples, key: str, index: int) -> str:
     """gateway / CHP within each round, where both met the same minute of the machine: the median,
     and the lowest and highest round."""
-    gateway, chp_name = samples["gateway"][key], samples["configurable-http-proxy"][key]
-    ratios = sorted(ours[index] / theirs[index] for ours, theirs in zip(gateway, chp_name, strict=True))
+    rounds = zip(samples["gateway"][key], samples["configurable-http-proxy"][key], strict=True)
+    ratios = sorted(ours[index] / theirs[index] for ours, theirs in rounds)
     return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 

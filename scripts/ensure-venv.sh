@@ -8,10 +8,14 @@ set -euo pipefail
 # builds it with profile-guided and link-time optimisation, and a pyenv or source build without
 # --enable-optimizations ran the preview proxy's Python a fifth slower (bench/proxy.py).
 # SANDBOX_GATEWAY_PYTHON names another interpreter.
+new_enough() {
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+
 pick_python() {
     if [[ -n ${SANDBOX_GATEWAY_PYTHON:-} ]]; then
         echo "$SANDBOX_GATEWAY_PYTHON"
-    elif [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    elif new_enough /usr/bin/python3; then
         echo /usr/bin/python3
     else
         command -v python3 >/dev/null || apt_install python3 python3-venv
@@ -20,7 +24,7 @@ pick_python() {
 }
 
 python=$(pick_python)
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
+new_enough "$python" ||
     die "$python is not a Python 3.11 or newer (SANDBOX_GATEWAY_PYTHON names the interpreter)"
 lock=$ROOT/requirements.lock
 stamp=$VENV/.lock-sha256
