@@ -29,10 +29,9 @@ class ActivityRecorder:
         return time.monotonic() - self._last_write.get(user, float("-inf")) >= self._interval_s
 
     async def seen(self, user: str) -> None:
-        now = time.monotonic()
-        if now - self._last_write.get(user, float("-inf")) < self._interval_s:
+        if not self.due(user):
             return
-        self._last_write[user] = now
+        self._last_write[user] = time.monotonic()
         try:
             await self._sandboxes.record_activity(user)
             self.writes += 1

@@ -43,6 +43,7 @@ from .preview import (
     UPGRADE_HEAD_LIMIT,
     UPSTREAM_CONNECT_S,
     check_preview_origin,
+    header_lines,
     parse_answer_head,
     request_head,
     response_headers,
@@ -363,7 +364,7 @@ class FrontDoor(asyncio.Protocol):
             return
         self._busy = True
         if request.upgrade or not self._serve_now(request):
-            self.task = asyncio.get_running_loop().create_task(self._serve(request))
+            self.task = self._loop.create_task(self._serve(request))
 
     def _serve_now(self, request: Head) -> bool:
         """Sends the request upstream without a task of its own when nothing needs waiting for (the
@@ -404,7 +405,7 @@ class FrontDoor(asyncio.Protocol):
             return
         status = answer_now(self, request, preview.prefix, upstream, request_id)
         if status is None:
-            self.task = asyncio.get_running_loop().create_task(
+            self.task = self._loop.create_task(
                 self._stream(request, preview.prefix, upstream, request_id, started)
             )
             return
@@ -528,7 +529,7 @@ class FrontDoor(asyncio.Protocol):
             self._idle_check = loop.call_at(self._last_used + KEEPALIVE_S, self._check_idle)
 
     def _check_idle(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         due = self._last_used + KEEPALIVE_S
         if not self._busy and loop.time() >= due:
             self.close()
@@ -678,9 +679,8 @@ async def stream_answer(
 
 def _response_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
     line = STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n"
-    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
     # Upstream values were decoded as latin-1 (upstream.py): encoded back, they are the bytes it sent.
-    return f"{line}{lines}\r\n".encode("latin-1", "replace")
+    return f"{line}{header_lines(headers)}\r\n".encode("latin-1", "replace")
 
 
 async def serve_websocket(door: FrontDoor, request: Head) -> int:

@@ -185,9 +185,13 @@ def upstream_headers(
     return kept
 
 
+def header_lines(headers: Iterable[tuple[str, str]]) -> str:
+    """The header fields of a head, each with its CRLF; the blank line is the caller's."""
+    return "".join([f"{name}: {value}\r\n" for name, value in headers])
+
+
 def request_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    return f"{method} {target} HTTP/1.1\r\n{lines}\r\n".encode("utf-8", "surrogateescape")
+    return f"{method} {target} HTTP/1.1\r\n{header_lines(headers)}\r\n".encode("utf-8", "surrogateescape")
 
 
 def response_headers(
@@ -281,11 +285,11 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[str,
 
 def parse_answer_head(head: bytes) -> tuple[int, list[tuple[str, str]]]:
     """Status and headers of the dev server's answer to an upgrade; ValueError if it is not one."""
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status_line, *field_lines = head.decode("latin-1").split("\r\n")
     status = int(status_line.split(" ", 2)[1])
     headers = [
         (name.strip(), value.strip())
-        for name, sep, value in (line.partition(":") for line in header_lines)
+        for name, sep, value in (line.partition(":") for line in field_lines)
         if sep
     ]
     return status, headers

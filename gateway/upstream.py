@@ -65,7 +65,6 @@ class _Connection(asyncio.Protocol):
         self._response: Response | None = None
         self._on_head: Callable[[asyncio.Future[Response]], None] | None = None
         self._headers: list[tuple[str, str]] = []
-        self._header_name = b""
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._complete = False
