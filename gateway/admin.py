@@ -9,7 +9,7 @@ from aiohttp import web
 from . import db
 from .auth import require_admin
 from .errors import InvalidRequest, SandboxNotFound
-from .keys import DB, SANDBOXES, SETTINGS
+from .keys import DB, PREVIEW_GATE, SANDBOXES, SETTINGS
 from .schemas import parse_purge, session_json
 from .tokens import USER_PATTERN
 
@@ -31,7 +31,7 @@ async def list_sandboxes(request: web.Request) -> web.Response:
         raise InvalidRequest("after: not a user name; pass the `next` of the previous page")
     async with db.connection(request.app[DB]) as conn:
         sessions = await db.list_sessions(conn, state=state, after=after, limit=limit)
-    items = [_admin_json(request, session) for session in sessions]
+    items = [await _admin_json(request, session) for session in sessions]
     next_after = sessions[-1].user if len(sessions) == limit else None
     return web.json_response({"sandboxes": items, "next": next_after})
 
@@ -43,7 +43,7 @@ async def get_any_sandbox(request: web.Request) -> web.Response:
         session = await db.get_session(conn, user)
     if session is None:
         raise SandboxNotFound(f"{user} has no sandbox")
-    return web.json_response(_admin_json(request, session))
+    return web.json_response(await _admin_json(request, session))
 
 
 async def stop_any_sandbox(request: web.Request) -> web.Response:
@@ -73,7 +73,8 @@ def _page_size(raw: str | None) -> int:
     return int(raw)
 
 
-def _admin_json(request: web.Request, session: db.Session) -> dict[str, Any]:
-    body = session_json(session, request.app[SETTINGS], request.app[SANDBOXES].preview_url(session.user))
+async def _admin_json(request: web.Request, session: db.Session) -> dict[str, Any]:
+    urls = await request.app[PREVIEW_GATE].urls(session.user)
+    body = session_json(session, request.app[SETTINGS], urls)
     body["container_id"] = session.container_id
     return body

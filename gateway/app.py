@@ -21,9 +21,12 @@ from .keys import (
     DOCKER,
     EXEC_RUNNER,
     METRICS,
+    PREVIEW_GATE,
+    PREVIEW_HOSTS,
     PREVIEW_SESSIONS,
     SANDBOXES,
     SETTINGS,
+    SHARES,
     TERMINALS,
     TOKENS,
     UPSTREAM,
@@ -33,11 +36,14 @@ from .metrics import Metrics
 from .metrics_http import metrics_listener_ctx, metrics_middleware
 from .middlewares import error_middleware
 from .preview import preview_host_middleware, preview_origin_connections_middleware
+from .preview_access import PreviewGate
+from .preview_hosts import PreviewHosts
 from .preview_sessions import PreviewSessions
 from .reaper import reaper_ctx
 from .routes import setup_routes
 from .sandboxes import Sandboxes
 from .settings import Settings
+from .shares import ShareStore
 from .terminal import close_terminals_on_shutdown
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
@@ -131,6 +137,17 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
     app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)
+    app[PREVIEW_HOSTS] = PreviewHosts(app[DB])
+    app[SHARES] = ShareStore(app[DB])
+    app[PREVIEW_GATE] = PreviewGate(
+        settings,
+        app[TOKENS],
+        app[PREVIEW_SESSIONS],
+        app[PREVIEW_HOSTS],
+        app[SHARES],
+        app[SANDBOXES],
+        app[ACTIVITY],
+    )
     try:
         await app[SANDBOXES].reconcile()
     except GatewayError as err:

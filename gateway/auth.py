@@ -5,9 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden
 from .keys import IS_ADMIN, PUBLIC_ROUTES, TOKENS, USER
 from .settings import Settings
+from .tokens import parse_bearer
 
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
 
@@ -22,14 +23,6 @@ def bearer_token(request: web.Request) -> str:
             if protocol.strip().startswith(BEARER_SUBPROTOCOL_PREFIX):
                 return protocol.strip().removeprefix(BEARER_SUBPROTOCOL_PREFIX)
     return parse_bearer(header)
-
-
-def parse_bearer(header: str) -> str:
-    """The token of an `Authorization: Bearer <token>` header's value."""
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    raise Unauthorized("send Authorization: Bearer <token>")
 
 
 def require_admin(request: web.Request) -> None:

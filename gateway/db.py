@@ -321,3 +321,117 @@ async def gateway_secret(conn: Connection, name: str) -> bytes:
     )
     value: bytes = await conn.fetchval("SELECT value FROM gateway_secrets WHERE name = $1", name)
     return value
+
+
+async def preview_label(conn: Connection, user: str, candidate: str) -> str:
+    """The user's preview label, made from `candidate` by whichever gateway asks first."""
+    await conn.execute(
+        "INSERT INTO preview_labels (user_id, label) VALUES ($1, $2) ON CONFLICT DO NOTHING", user, candidate
+    )
+    label: str | None = await conn.fetchval("SELECT label FROM preview_labels WHERE user_id = $1", user)
+    if label is None:
+        # The candidate collided with another user's label (2^-80): the caller draws again.
+        raise LabelTaken(candidate)
+    return label
+
+
+class LabelTaken(Exception):
+    """A freshly drawn preview label already belongs to another user."""
+
+
+async def label_owner(conn: Connection, label: str) -> str | None:
+    owner: str | None = await conn.fetchval("SELECT user_id FROM preview_labels WHERE label = $1", label)
+    return owner
+
+
+@dataclass(frozen=True)
+class Share:
+    id: str
+    user: str
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+    can_wake: bool
+
+    @classmethod
+    def from_record(cls, record: asyncpg.Record) -> Share:
+        return cls(
+            id=record["id"],
+            user=record["user_id"],
+            created_at=record["created_at"],
+            expires_at=record["expires_at"],
+            revoked_at=record["revoked_at"],
+            can_wake=record["can_wake"],
+        )
+
+
+async def create_share(
+    conn: Connection, share_id: str, user: str, secret_hash: bytes, expires_in_s: int, can_wake: bool
+) -> Share:
+    record = await conn.fetchrow(
+        "INSERT INTO preview_shares (id, user_id, secret_hash, expires_at, can_wake)"
+        " VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)"
+        " RETURNING id, user_id, created_at, expires_at, revoked_at, can_wake",
+        share_id,
+        user,
+        secret_hash,
+        float(expires_in_s),
+        can_wake,
+    )
+    assert record is not None  # INSERT ... RETURNING returns the row
+    return Share.from_record(record)
+
+
+async def user_shares(conn: Connection, user: str) -> list[Share]:
+    """The user's shares that still open the preview, oldest first."""
+    records = await conn.fetch(
+        "SELECT id, user_id, created_at, expires_at, revoked_at, can_wake FROM preview_shares"
+        " WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > now() ORDER BY created_at, id",
+        user,
+    )
+    return [Share.from_record(record) for record in records]
+
+
+async def count_live_shares(conn: Connection, user: str) -> int:
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM preview_shares"
+        " WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > now()",
+        user,
+    )
+    return count
+
+
+async def share_by_id(conn: Connection, share_id: str) -> Share | None:
+    record = await conn.fetchrow(
+        "SELECT id, user_id, created_at, expires_at, revoked_at, can_wake FROM preview_shares WHERE id = $1",
+        share_id,
+    )
+    return None if record is None else Share.from_record(record)
+
+
+async def share_by_secret(conn: Connection, secret_hash: bytes) -> Share | None:
+    record = await conn.fetchrow(
+        "SELECT id, user_id, created_at, expires_at, revoked_at, can_wake FROM preview_shares"
+        " WHERE secret_hash = $1",
+        secret_hash,
+    )
+    return None if record is None else Share.from_record(record)
+
+
+async def revoke_share(conn: Connection, user: str, share_id: str) -> bool:
+    """Revokes one of the user's own shares; False if the user has no such live share."""
+    status: str = await conn.execute(
+        "UPDATE preview_shares SET revoked_at = now()"
+        " WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL AND expires_at > now()",
+        share_id,
+        user,
+    )
+    return status.endswith(" 1")
+
+
+async def forget_ended_shares(conn: Connection) -> int:
+    """Deletes shares that ended (revoked or expired) more than a day ago; how many."""
+    status: str = await conn.execute(
+        "DELETE FROM preview_shares WHERE coalesce(revoked_at, expires_at) < now() - interval '1 day'"
+    )
+    return int(status.split()[-1])

@@ -5,9 +5,12 @@
     ├── Unauthorized                  401 unauthorized
     ├── Forbidden                     403 forbidden
     ├── SandboxNotFound               404 sandbox_not_found
+    ├── PreviewNotFound               404 preview_not_found
+    ├── ShareNotFound                 404 share_not_found
     ├── RequestTimeout                408 request_timeout
     ├── SandboxNotRunning             409 sandbox_not_running
     ├── ProjectExists                 409 project_exists
+    ├── TooManyShares                 409 too_many_shares
     ├── PayloadTooLarge               413 payload_too_large
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TooManyRequests               429 too_many_requests
@@ -59,6 +62,18 @@ class SandboxNotFound(GatewayError):
     code = "sandbox_not_found"
 
 
+class PreviewNotFound(GatewayError):
+    """A host under the preview domain that names no sandbox (malformed, or nobody's label)."""
+
+    status = 404
+    code = "preview_not_found"
+
+
+class ShareNotFound(GatewayError):
+    status = 404
+    code = "share_not_found"
+
+
 class RequestTimeout(GatewayError):
     status = 408
     code = "request_timeout"
@@ -78,6 +93,11 @@ class SandboxNotRunning(GatewayError):
 class ProjectExists(GatewayError):
     status = 409
     code = "project_exists"
+
+
+class TooManyShares(GatewayError):
+    status = 409
+    code = "too_many_shares"
 
 
 class PayloadTooLarge(GatewayError):

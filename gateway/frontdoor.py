@@ -5,13 +5,11 @@ asyncio's protocol level; every other connection is handed to aiohttp, whole, fo
 aiohttp's server costs more per request than the proxying itself (bench/proxy.py: a bare aiohttp
 handler answers in three times the time a bare protocol does), which is what stood between the preview
 and its latency target. So the front door takes only requests it can judge cheaply and exactly: a
-strict subset of HTTP/1.1, checked as aiohttp would check it (preview.py's own functions), and hands
-over anything else before it has written a byte: bodies, odd heads, errors of any kind, which aiohttp
-then answers as it always has. The hand-over replays the bytes read so far into aiohttp's protocol.
-
-After a WebSocket upgrade, the two connections are spliced on the protocol level: each side's
-`data_received` writes straight into the other side's transport, and a full transport pauses reading
-on the other side. Nothing parses a frame; this is what the fast proxies do after the upgrade.
+strict subset of HTTP/1.1 (http1.py), admitted by the same gate aiohttp asks (preview_access.py), and
+hands over anything else before it has written a byte: bodies, odd heads, the app's own requests,
+errors of any kind, which aiohttp then answers as it always has. The hand-over replays the bytes read
+so far into aiohttp's protocol. Answers are written by door_answers.py; WebSockets, after the dev
+server's 101, are spliced by splice.py, as aiohttp's are.
 """
 
 from __future__ import annotations
@@ -20,192 +18,51 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, cast
 
-import httptools
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
 
 from .access_log import log_access
-from .activity import ActivityRecorder
+from .door_answers import answer_now, response_head, stream_answer, upgrade_refused
 from .errors import GatewayError
-from .keys import ACTIVITY, METRICS, PREVIEW_SESSIONS, SANDBOXES, SETTINGS, TOKENS, UPSTREAM
+from .http1 import HEAD_LIMIT, Head, HeadParser, may_be_fast, parse_head
+from .keys import METRICS, PREVIEW_GATE, SETTINGS, UPSTREAM
 from .logs import HEADER as REQUEST_ID_HEADER
 from .logs import current_request_id, request_id_for
 from .metrics import Metrics
-from .preview import (
-    BODILESS_STATUSES,
-    DROPPED_RESPONSE_HEADERS,
-    UPGRADE_HEAD_LIMIT,
-    UPSTREAM_CONNECT_S,
-    check_preview_origin,
-    header_lines,
-    parse_answer_head,
-    request_head,
-    response_headers,
-    sound_preview_path,
-    upgrade_head,
-    upgrade_response_headers,
-    upstream_headers,
-)
-from .preview_auth import check_viewer
-from .preview_sessions import PreviewSessions
-from .sandboxes import Sandboxes
+from .preview_access import PATH_ROUTE_LABEL, ROOT_ROUTE_LABEL, Admitted, PreviewGate, PreviewRequest, Route
+from .preview_headers import request_head, upgrade_head, upgrade_response_headers, upstream_headers
 from .settings import Settings
-from .tokens import USER_PATTERN, TokenVerifier
+from .splice import Splice, UpgradeRefused, upgrade_upstream
 from .upstream import Response, UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
-PREVIEW_ROUTE = "/preview/{user}/{tail}"  # the metrics label aiohttp gives the preview route
-FAST_STARTS = (b"GET /preview/", b"HEAD /preview/")
-FAST_START_MAX = max(len(start) for start in FAST_STARTS)
-# Longer heads go to aiohttp, which has the limits and the 431 for them.
-HEAD_LIMIT = 16 * 1024
-# Control bytes other than CR, LF and tab: legal to no strict parser, and aiohttp's to refuse.
-CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 # Bytes a client may send ahead (pipelining) before reading from it pauses.
 READ_AHEAD = 256 * 1024
 KEEPALIVE_S = 75.0  # as aiohttp's keepalive_timeout
 SHUTDOWN_S = 10.0
 
 
-# The door sets these itself: the request id always, the length when it has the whole body.
-DROPPED = DROPPED_RESPONSE_HEADERS | {"x-request-id"}
-DROPPED_SIZED = DROPPED | {"content-length"}
-STATUS_LINES = {status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
-
-
 class HandOver(Exception):
     """The request is aiohttp's to answer; nothing of a response has been written."""
 
 
-@dataclass(slots=True)
-class Head:
-    method: str
-    target: str  # the raw path and query, as sent
-    headers: list[tuple[str, str]]
-    keep_alive: bool
-    upgrade: bool
-    size: int
-    single: dict[str, str]  # SINGLE_HEADERS by lower-case name; parse_head saw each once at most
-
-    def header(self, name: str) -> str | None:
-        return self.single.get(name)
-
-
-# Headers the front door reads: more than one of any, and aiohttp decides which counts.
-SINGLE_HEADERS = frozenset({"host", "authorization", "cookie", "upgrade", "origin", "x-request-id"})
-# A body announced, even an empty one, or one that waits for a go-ahead.
-BODY_HEADERS = frozenset({"expect", "transfer-encoding", "content-length"})
-
-
-class HeadParser:
-    """httptools' request parser with the callbacks parse_head needs. One per connection: llhttp
-    reads one message after another, and a parser costs more to make than a head does to parse."""
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpRequestParser(self)
-        self.start()
-
-    def start(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.single: dict[str, str] = {}
-        self.refused = False  # a body header, or a SINGLE_HEADERS one twice
-        self.complete = False
-        self.keep_alive = False
-        self.version = ""
-        self.method = b""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # As aiohttp decodes them, so that both paths forward the same bytes.
-        text = name.decode("utf-8", "surrogateescape")
-        decoded = value.decode("utf-8", "surrogateescape")
-        self.headers.append((text, decoded))
-        lowered = text.lower()
-        if lowered in SINGLE_HEADERS:
-            if lowered in self.single:
-                self.refused = True
-            self.single[lowered] = decoded
-        elif lowered in BODY_HEADERS:
-            self.refused = True
-
-    def on_headers_complete(self) -> None:
-        # Asked now: once the message is complete, llhttp has reset its flags.
-        self.keep_alive = self.parser.should_keep_alive()
-        self.version = self.parser.get_http_version()
-        self.method = self.parser.get_method()
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-def _plain(head: bytes) -> bool:
-    """No control bytes, no bare CR or LF, no obs-fold. (Counting, and deleting the control bytes
-    to see whether any were there, beat regular expressions by four times, on every request.)"""
-    crlf = head.count(b"\r\n")
-    return (
-        head.count(b"\r") == crlf
-        and head.count(b"\n") == crlf
-        and b"\n " not in head
-        and b"\n\t" not in head
-        and len(head.translate(None, CONTROL_BYTES)) == len(head)
+def seen_by_admission(request: Head) -> PreviewRequest | None:
+    host = request.header("host")
+    if host is None:
+        return None
+    return PreviewRequest(
+        host=host,
+        path=request.target.split("?", 1)[0],
+        authorization=request.header("authorization"),
+        cookie=request.header("cookie"),
+        origin=request.header("origin"),
+        upgrade=request.upgrade,
     )
-
-
-def parse_head(head: bytes, parser: HeadParser | None = None) -> Head | None:
-    """The request in `head` (up to and including its blank line) if the front door may answer it:
-    HTTP/1.1, GET or HEAD, no body, plain bytes, the headers it reads at most once each. `parser`:
-    the connection's, which has read the requests before this one; after None it is spent."""
-    if not _plain(head):
-        return None
-    if parser is None:
-        parser = HeadParser()
-    else:
-        parser.start()
-    upgrade = False
-    try:
-        parser.parser.feed_data(head)
-    except httptools.HttpParserUpgrade:
-        upgrade = True
-    except httptools.HttpParserError:
-        return None
-    # A body (Content-Length, Transfer-Encoding) leaves the message incomplete at the end of the head.
-    if not parser.complete or parser.refused or parser.version != "1.1":
-        return None
-    method = parser.method
-    if method != b"GET" and method != b"HEAD":
-        return None
-    single = parser.single
-    if "host" not in single or not parser.url.isascii():
-        return None
-    wants_websocket = upgrade and single.get("upgrade", "").lower() == "websocket"
-    if ("upgrade" in single or upgrade) and not wants_websocket:
-        # An upgrade to anything but WebSocket, or an Upgrade header the parser did not take as one.
-        return None
-    return Head(
-        method=method.decode("ascii"),
-        target=parser.url.decode("ascii"),
-        headers=parser.headers,
-        keep_alive=parser.keep_alive,
-        upgrade=upgrade,
-        size=len(head),
-        single=single,
-    )
-
-
-def _may_be_fast(buffer: bytearray) -> bool:
-    if len(buffer) >= FAST_START_MAX:
-        return buffer.startswith(FAST_STARTS)
-    return any(buffer[: len(start)] == start[: len(buffer)] for start in FAST_STARTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,23 +71,14 @@ class Deps:
     a Python call, and the door's whole work per request is a few dozen."""
 
     settings: Settings
-    tokens: TokenVerifier
-    sessions: PreviewSessions
-    sandboxes: Sandboxes
-    activity: ActivityRecorder
+    gate: PreviewGate
     upstream: UpstreamPool
     metrics: Metrics
 
     @classmethod
     def of(cls, app: web.Application) -> Deps:
         return cls(
-            settings=app[SETTINGS],
-            tokens=app[TOKENS],
-            sessions=app[PREVIEW_SESSIONS],
-            sandboxes=app[SANDBOXES],
-            activity=app[ACTIVITY],
-            upstream=app[UPSTREAM],
-            metrics=app[METRICS],
+            settings=app[SETTINGS], gate=app[PREVIEW_GATE], upstream=app[UPSTREAM], metrics=app[METRICS]
         )
 
 
@@ -348,7 +196,7 @@ class FrontDoor(asyncio.Protocol):
             if self._closing:
                 self.close()
             return
-        if not _may_be_fast(buffer):
+        if not may_be_fast(buffer):
             self._hand_over()
             return
         end = buffer.find(b"\r\n\r\n")
@@ -359,36 +207,46 @@ class FrontDoor(asyncio.Protocol):
         if self._parser is None:
             self._parser = HeadParser()
         request = parse_head(bytes(buffer[: end + 4]), self._parser)
-        if request is None:
+        seen = None if request is None else seen_by_admission(request)
+        route = None if seen is None else self._route(seen)
+        if request is None or seen is None or route is None:
             self._hand_over()
             return
         self._busy = True
-        if request.upgrade or not self._serve_now(request):
-            self.task = self._loop.create_task(self._serve(request))
+        if request.upgrade or not self._serve_now(request, route, seen):
+            self.task = self._loop.create_task(self._serve(request, route, seen))
 
-    def _serve_now(self, request: Head) -> bool:
+    def _route(self, seen: PreviewRequest) -> Route | None:
+        """The preview a request is for; None for the app's own requests and for every refusal,
+        which are aiohttp's to answer (it asks the same gate, and words the answer)."""
+        try:
+            return self.deps.gate.route(seen.host, seen.path, seen.authorization is not None)
+        except GatewayError:
+            return None
+
+    def _serve_now(self, request: Head, route: Route, seen: PreviewRequest) -> bool:
         """Sends the request upstream without a task of its own when nothing needs waiting for (the
         sandbox's port is known, activity was written lately, a pooled connection is free): the
         answer is then written from the upstream connection's callback. False if it needs the task."""
         try:
-            preview = _admit_now(self, request)
-        except HandOver:
+            admitted = self.deps.gate.admit_now(route, seen)
+        except GatewayError:
             self._busy = False
             self._hand_over()
             return True
-        connection = None if preview is None else self.deps.upstream.idle_connection(preview.port)
-        if preview is None or connection is None:
+        connection = None if admitted is None else self.deps.upstream.idle_connection(admitted.port)
+        if admitted is None or connection is None:
             return False
         request_id = request_id_for(request.header("x-request-id"))
-        headers = upstream_headers(request.headers, self.remote, preview.host, "http")
-        answered = functools.partial(self._answered, request, preview, request_id, time.perf_counter())
+        headers = upstream_headers(request.headers, self.remote, seen.host, "http")
+        answered = functools.partial(self._answered, request, admitted, request_id, time.perf_counter())
         connection.send_then(request_head(request.method, request.target, headers), request.method, answered)
         return True
 
     def _answered(
         self,
         request: Head,
-        preview: _Preview,
+        preview: Admitted,
         request_id: str,
         started: float,
         head: asyncio.Future[Response],
@@ -409,7 +267,7 @@ class FrontDoor(asyncio.Protocol):
                 self._stream(request, preview.prefix, upstream, request_id, started)
             )
             return
-        self._done(request, status, started, request_id)
+        self._done(request, preview.prefix, status, started, request_id)
 
     async def _stream(
         self, request: Head, prefix: str, upstream: Response, request_id: str, started: float
@@ -422,15 +280,15 @@ class FrontDoor(asyncio.Protocol):
             return
         finally:
             self.task = None
-        self._done(request, status, started, request_id)
+        self._done(request, prefix, status, started, request_id)
 
-    async def _serve(self, request: Head) -> None:
+    async def _serve(self, request: Head, route: Route, seen: PreviewRequest) -> None:
         started = time.perf_counter()
         try:
             if request.upgrade:
-                status = await serve_websocket(self, request)
+                status = await serve_websocket(self, request, route, seen)
             else:
-                status = await serve_http(self, request)
+                status = await serve_http(self, request, route, seen)
         except HandOver:
             self.task = None
             self._busy = False
@@ -444,11 +302,12 @@ class FrontDoor(asyncio.Protocol):
         self.task = None
         if status == 101:
             return  # the splice has the connection now, and accounts for it when it ends
-        self._done(request, status, started, current_request_id.get())
+        self._done(request, route.prefix, status, started, current_request_id.get())
 
-    def _done(self, request: Head, status: int, started: float, request_id: str) -> None:
+    def _done(self, request: Head, prefix: str, status: int, started: float, request_id: str) -> None:
         """The answer is written: count it, then go on to the next request on the connection."""
-        _account(self.deps.metrics, self.remote, request, status, time.perf_counter() - started, request_id)
+        seconds = time.perf_counter() - started
+        _account(self.deps.metrics, self.remote, request, prefix, status, seconds, request_id)
         self._server.answered += 1
         self._busy = False
         del self._buffer[: request.size]
@@ -538,10 +397,12 @@ class FrontDoor(asyncio.Protocol):
 
 
 def _account(
-    metrics: Metrics, remote: str, request: Head, status: int, seconds: float, request_id: str
+    metrics: Metrics, remote: str, request: Head, prefix: str, status: int, seconds: float, request_id: str
 ) -> None:
     """Metrics and the access line of an answer the door gave; a WebSocket's when it ends, as aiohttp's."""
-    metrics.count_request(PREVIEW_ROUTE, request.method, status, seconds)
+    metrics.count_request(
+        ROOT_ROUTE_LABEL if prefix == "/" else PATH_ROUTE_LABEL, request.method, status, seconds
+    )
     if access_logger.isEnabledFor(logging.INFO):
         log_access(
             access_logger,
@@ -554,282 +415,68 @@ def _account(
         )
 
 
-@dataclass(slots=True)
-class _Preview:
-    user: str
-    prefix: str
-    port: int
-    host: str
-
-
-def _checked(door: FrontDoor, request: Head) -> tuple[str, str, str]:
-    """The user, prefix and host of a request preview.preview would serve, with its checks in its
-    order; HandOver for any refusal, which is aiohttp's to put in words."""
-    deps = door.deps
-    path = request.target.split("?", 1)[0]
-    user = path.split("/", 3)[2] if path.count("/") >= 3 else ""
-    prefix = f"/preview/{user}/"
-    if not USER_PATTERN.fullmatch(user) or not sound_preview_path(path, prefix):
-        raise HandOver
-    host = request.header("host") or ""
-    authorization = request.header("authorization")
-    if host != deps.settings.preview_host and authorization is None:
-        raise HandOver
+async def _admit(door: FrontDoor, route: Route, seen: PreviewRequest, request: Head) -> Admitted:
     try:
-        check_viewer(user, authorization, request.header("cookie"), deps.tokens, deps.sessions)
-        if request.upgrade:
-            check_preview_origin(request.header("origin"), deps.settings)
-    except GatewayError:
-        raise HandOver from None
-    return user, prefix, host
-
-
-def _admit_now(door: FrontDoor, request: Head) -> _Preview | None:
-    """_admit without waiting: None if the port must be looked up or activity written."""
-    user, prefix, host = _checked(door, request)
-    deps = door.deps
-    port = deps.sandboxes.cached_preview_port(user)
-    if port is None or deps.activity.due(user):
-        return None
-    return _Preview(user, prefix, port, host)
-
-
-async def _admit(door: FrontDoor, request: Head) -> _Preview:
-    user, prefix, host = _checked(door, request)
-    try:
-        port = await door.deps.sandboxes.preview_port(user)
+        admitted = await door.deps.gate.admit(route, seen)
     except GatewayError:
         raise HandOver from None
     current_request_id.set(request_id_for(request.header("x-request-id")))
-    await door.deps.activity.seen(user)
-    return _Preview(user, prefix, port, host)
+    return admitted
 
 
-async def serve_http(door: FrontDoor, request: Head) -> int:
+async def serve_http(door: FrontDoor, request: Head, route: Route, seen: PreviewRequest) -> int:
     """Proxies one bodiless request; returns the status sent."""
-    preview = await _admit(door, request)
-    headers = upstream_headers(request.headers, door.remote, preview.host, "http")
+    admitted = await _admit(door, route, seen, request)
+    headers = upstream_headers(request.headers, door.remote, seen.host, "http")
     head = request_head(request.method, request.target, headers)
     try:
         upstream = await door.deps.upstream.request(
-            preview.port, head, None, chunked=False, method=request.method
+            admitted.port, head, None, chunked=False, method=request.method
         )
     except UpstreamError:
         # Nothing is listening, most likely: aiohttp tries once more and answers with the 502 page.
         raise HandOver from None
     request_id = current_request_id.get()
-    status = answer_now(door, request, preview.prefix, upstream, request_id)
+    status = answer_now(door, request, admitted.prefix, upstream, request_id)
     if status is None:
-        status = await stream_answer(door, request, preview.prefix, upstream, request_id)
+        status = await stream_answer(door, request, admitted.prefix, upstream, request_id)
     return status
 
 
-def _answer_headers(
-    request: Head, prefix: str, upstream: Response, request_id: str, dropped: frozenset[str]
-) -> list[tuple[str, str]]:
-    answer = response_headers(upstream.headers, prefix, dropped)
-    answer.append((REQUEST_ID_HEADER, request_id))
-    if not request.keep_alive:
-        answer.append((hdrs.CONNECTION, "close"))
-    return answer
-
-
-def answer_now(
-    door: FrontDoor, request: Head, prefix: str, upstream: Response, request_id: str
-) -> int | None:
-    """Writes the answer if its body is all in (a small one usually is), head and body in one write:
-    the send() calls are most of the proxy's cost (py-spy). None if the body is still to come."""
-    whole = upstream.complete_body()
-    if whole is None:
-        return None
-    status = upstream.status
-    if request.method == "HEAD" or status in BODILESS_STATUSES:
-        # Their Content-Length, if any, describes a body they do not carry: it stays as it is.
-        door.write(_response_head(status, _answer_headers(request, prefix, upstream, request_id, DROPPED)))
-    else:
-        answer = _answer_headers(request, prefix, upstream, request_id, DROPPED_SIZED)
-        answer.append((hdrs.CONTENT_LENGTH, str(len(whole))))
-        door.write(_response_head(status, answer) + whole)
-    return status
-
-
-async def stream_answer(
-    door: FrontDoor, request: Head, prefix: str, upstream: Response, request_id: str
-) -> int:
-    """Writes the answer as its body comes: a 50 MB download or an event stream never sits in memory."""
-    answer = _answer_headers(request, prefix, upstream, request_id, DROPPED)
-    sized = any(name.lower() == "content-length" for name, _ in answer)
-    if not sized:
-        answer.append((hdrs.TRANSFER_ENCODING, "chunked"))
-    door.write(_response_head(upstream.status, answer))
-    try:
-        async for chunk in upstream.body():
-            door.write(chunk if sized else b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            await door.drained()
-        if not sized:
-            door.write(b"0\r\n\r\n")
-    except UpstreamError as err:
-        # The head is out: all that is left is to end the connection, as aiohttp's path does.
-        log.info("preview body to %s cut short: %r", door.remote, err)
-        door.close()
-    finally:
-        upstream.close()
-    return upstream.status
-
-
-def _response_head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
-    line = STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n"
-    # Upstream values were decoded as latin-1 (upstream.py): encoded back, they are the bytes it sent.
-    return f"{line}{header_lines(headers)}\r\n".encode("latin-1", "replace")
-
-
-async def serve_websocket(door: FrontDoor, request: Head) -> int:
+async def serve_websocket(door: FrontDoor, request: Head, route: Route, seen: PreviewRequest) -> int:
     """Relays the upgrade; after the dev server's 101, splices the two connections."""
-    preview = await _admit(door, request)
-    loop = asyncio.get_running_loop()
+    admitted = await _admit(door, route, seen, request)
     try:
-        transport, answer = await asyncio.wait_for(
-            loop.create_connection(_UpgradeAnswer, "127.0.0.1", preview.port), UPSTREAM_CONNECT_S
+        answer = await upgrade_upstream(
+            admitted.port, upgrade_head(request.headers, request.target, door.remote, seen.host, "http")
         )
-    except (OSError, TimeoutError):
+    except UpgradeRefused:
         raise HandOver from None
-    try:
-        transport.write(upgrade_head(request.headers, request.target, door.remote, preview.host, "http"))
-        status, headers = await asyncio.wait_for(answer.head, UPSTREAM_CONNECT_S)
-    except (OSError, TimeoutError, UpstreamError):
-        transport.close()
-        raise HandOver from None
-    if status != 101:
-        # The dev server refused (wrong path, bad token, no such subprotocol): its status goes on.
-        transport.close()
-        body = f"the dev server refused the WebSocket ({status})".encode()
-        extra = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))]
-        door.write(_response_head(status, [*extra, (REQUEST_ID_HEADER, current_request_id.get())]) + body)
-        return status
-    answer_headers = upgrade_response_headers(headers)
-    answer_headers[REQUEST_ID_HEADER] = current_request_id.get()
+    request_id = current_request_id.get()
+    if answer.status != 101:
+        door.write(upgrade_refused(answer.status, request_id))
+        return answer.status
+    answer_headers = upgrade_response_headers(answer.headers)
+    answer_headers[REQUEST_ID_HEADER] = request_id
     client, ahead = door.take_over(request)
-    client.write(_response_head(101, answer_headers.items()))
-    Splice(door, client, transport, preview.user, request, ahead, answer.rest())
+    client.write(response_head(101, answer_headers.items()))
+    server, deps, remote, started = door.server, door.deps, door.remote, time.perf_counter()
+
+    def ended(splice: Splice) -> None:
+        server.splices.discard(splice)
+        _account(deps.metrics, remote, request, route.prefix, 101, time.perf_counter() - started, request_id)
+
+    splice = Splice.of_transport(
+        client,
+        answer.transport,
+        ahead,
+        answer.ahead,
+        user=admitted.user,
+        counts_activity=admitted.viewer.counts_as_activity,
+        activity=deps.gate.activity,
+        metrics=deps.metrics,
+        on_close=ended,
+    )
+    server.splices.add(splice)
+    server.answered += 1
     return 101
-
-
-class _UpgradeAnswer(asyncio.Protocol):
-    """Reads the dev server's answer to the upgrade, and holds whatever follows it until the splice."""
-
-    def __init__(self) -> None:
-        self.head: asyncio.Future[tuple[int, list[tuple[str, str]]]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._buffer = bytearray()
-        self._end = -1
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if self.head.done():
-            return
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > UPGRADE_HEAD_LIMIT:
-                self.head.set_exception(UpstreamError("the dev server's answer has no end"))
-            return
-        self._end = end + 4
-        try:
-            self.head.set_result(parse_answer_head(bytes(self._buffer[: self._end])))
-        except ValueError as err:
-            self.head.set_exception(UpstreamError(f"malformed answer: {err}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.head.done():
-            self.head.set_exception(UpstreamError("the dev server closed the connection"))
-
-    def rest(self) -> bytes:
-        return bytes(self._buffer[self._end :])
-
-
-class _Pipe(asyncio.Protocol):
-    """One direction of a splice: what arrives on its transport goes out on the peer's."""
-
-    def __init__(self, splice: Splice, peer: asyncio.Transport) -> None:
-        self._splice = splice
-        self._peer = peer
-
-    def data_received(self, data: bytes) -> None:
-        self._peer.write(data)
-        self._splice.moved += len(data)
-
-    def pause_writing(self) -> None:
-        # This side's transport is backed up: stop reading what would be written to it.
-        self._peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._peer.resume_reading()
-
-    def eof_received(self) -> bool:
-        self._splice.close()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._splice.close()
-
-
-class Splice:
-    """A preview WebSocket after the upgrade: two transports copying into each other until either
-    closes; traffic in an interval counts as activity, as terminal traffic does."""
-
-    def __init__(
-        self,
-        door: FrontDoor,
-        client: asyncio.Transport,
-        upstream: asyncio.Transport,
-        user: str,
-        request: Head,
-        client_ahead: bytes,
-        upstream_ahead: bytes,
-    ) -> None:
-        self._deps = deps = door.deps
-        self._server = door.server
-        self._remote = door.remote
-        self._client = client
-        self._upstream = upstream
-        self._user = user
-        self._request = request
-        self._request_id = current_request_id.get()
-        self._started = time.perf_counter()
-        self.moved = 0
-        self._last_moved = 0
-        self._closed = False
-        self._recording: set[asyncio.Task[None]] = set()
-        client.set_protocol(_Pipe(self, upstream))
-        upstream.set_protocol(_Pipe(self, client))
-        if upstream_ahead:
-            client.write(upstream_ahead)
-        if client_ahead:
-            upstream.write(client_ahead)
-        self._server.splices.add(self)
-        self._server.answered += 1
-        deps.metrics.open_websockets.labels("preview").inc()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(deps.activity.interval_s, self._record_activity)
-
-    def _record_activity(self) -> None:
-        if self.moved != self._last_moved:
-            self._last_moved = self.moved
-            task = asyncio.get_running_loop().create_task(self._deps.activity.seen(self._user))
-            self._recording.add(task)
-            task.add_done_callback(self._recording.discard)
-        self._timer = asyncio.get_running_loop().call_later(
-            self._deps.activity.interval_s, self._record_activity
-        )
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._timer.cancel()
-        self._client.close()
-        self._upstream.close()
-        self._server.splices.discard(self)
-        self._deps.metrics.open_websockets.labels("preview").dec()
-        seconds = time.perf_counter() - self._started
-        _account(self._deps.metrics, self._remote, self._request, 101, seconds, self._request_id)

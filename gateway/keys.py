@@ -9,9 +9,12 @@ from aiohttp import web
 from .activity import ActivityRecorder
 from .execute import ExecRunner
 from .metrics import Metrics
+from .preview_access import PreviewGate
+from .preview_hosts import PreviewHosts
 from .preview_sessions import PreviewSessions
 from .sandboxes import Sandboxes
 from .settings import Settings
+from .shares import ShareStore
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
 from .websockets import SocketRegistry
@@ -25,6 +28,10 @@ TERMINALS = web.AppKey("terminals", SocketRegistry)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)
 # Preview sessions, signed with a key from gateway_secrets.
 PREVIEW_SESSIONS = web.AppKey("preview_sessions", PreviewSessions)
+# Admission to previews (both transports ask it), each sandbox's preview label, and share links.
+PREVIEW_GATE = web.AppKey("preview_gate", PreviewGate)
+PREVIEW_HOSTS = web.AppKey("preview_hosts", PreviewHosts)
+SHARES = web.AppKey("shares", ShareStore)
 # The one upstream session of the preview proxy: pooled keep-alive connections to the sandboxes.
 UPSTREAM = web.AppKey("upstream", UpstreamPool)
 OPENAPI_DOCUMENT = web.AppKey("openapi_document", bytes)
@@ -38,5 +45,7 @@ METRICS = web.AppKey("metrics", Metrics)
 USER = web.RequestKey("user", str)
 # The id of the request in logs and in the X-Request-Id response header.
 REQUEST_ID = web.RequestKey("request_id", str)
+# The route label metrics count a request under, where the router's match is not it (preview origins).
+ROUTE_LABEL = web.RequestKey("route_label", str)
 # Whether the token carries the configured admin claim (settings.admin_claim).
 IS_ADMIN = web.RequestKey("is_admin", bool)

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .auth import bearer_token
 from .errors import Unauthorized
-from .keys import DB, METRICS, SETTINGS
+from .keys import DB, METRICS, ROUTE_LABEL, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     It sits inside the error middleware's reach from outside: every failure is a response here."""
     started = time.perf_counter()
     response = await handler(request)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else UNMATCHED_ROUTE
+    route = request.get(ROUTE_LABEL)
+    if route is None:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else UNMATCHED_ROUTE
     request.app[METRICS].count_request(route, request.method, response.status, time.perf_counter() - started)
     return response
 

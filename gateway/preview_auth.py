@@ -1,138 +1,181 @@
-"""Who may see a preview: its owner only, with the API's bearer token (scripts, curl) or, in a
-browser, a preview-session cookie.
+"""Who may see a preview: its owner, with the API's bearer token (scripts, curl) or, in a browser, a
+preview-session cookie; and anyone holding a live share link of it.
 
 Browsers send no Authorization header on navigations, iframes or module scripts, so the page trades
 its token for a one-minute login ticket (POST /api/sandbox/preview-session), and the preview origin
-trades the ticket for a cookie: HttpOnly, SameSite=Lax, Path=/preview/<user>/, signed by a key the
-gateways keep in PostgreSQL. The cookie is only ever sent to that user's preview path on the preview
-origin, only opens that preview, and is stripped before the request reaches the dev server. The API
-never accepts it.
+trades the ticket for a cookie: HttpOnly, SameSite=Lax, host-only (no Domain), signed by a key the
+gateways keep in PostgreSQL and bound to the one origin it was given on. On a sandbox's own origin it
+has Path=/; on the path route, Path=/preview/<user>/. It is stripped before a request reaches the dev
+server, and the API never accepts it. The same origin's share cookie comes from a share link
+(shares.py), and its start page (POST /_sandbox-gateway/start) wakes a stopped sandbox.
 """
 
 from __future__ import annotations
 
-from http.cookies import CookieError, SimpleCookie
+import time
 from urllib.parse import urlencode
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from .auth import parse_bearer
-from .errors import Forbidden, InvalidRequest, Unauthorized
-from .keys import PREVIEW_SESSIONS, SANDBOXES, SETTINGS, TOKENS, USER
+from . import ratelimit
+from .errors import Forbidden, InvalidRequest, PreviewNotFound, SandboxNotRunning, Unauthorized
+from .keys import DB, PREVIEW_GATE, PREVIEW_HOSTS, PREVIEW_SESSIONS, SANDBOXES, SETTINGS, USER
+from .preview_access import RESERVED_PREFIX, PreviewRequest, Route
+from .preview_headers import SESSION_COOKIE, SHARE_COOKIE
+from .preview_hosts import label_of_host
 from .preview_sessions import (
     SESSION_AUDIENCE,
     SESSION_LIFETIME_S,
     TICKET_AUDIENCE,
     TICKET_LIFETIME_S,
-    PreviewSessions,
     sign,
-    verified_user,
+    sign_share,
+    verified_claims,
 )
-from .tokens import TokenVerifier
+from .settings import Settings
+from .shares import is_live
 
-COOKIE = "sandbox_preview"
-LOGIN_PATH = "/_preview/login"
+LOGIN_PATH = "/_preview/login"  # on the shared preview origin (the path route)
+ROOT_LOGIN_PATH = RESERVED_PREFIX + "login"  # on each sandbox's own origin
 
 
 async def preview_session(request: web.Request) -> web.Response:
-    """POST /api/sandbox/preview-session: a login URL that gives this browser the preview cookie."""
+    """POST /api/sandbox/preview-session: login URLs that give this browser the preview cookie, on
+    the sandbox's own origin (`login_url`) and on the path route (`path_login_url`)."""
     user = request[USER]
     settings = request.app[SETTINGS]
-    ticket = sign(user, TICKET_AUDIENCE, TICKET_LIFETIME_S, request.app[PREVIEW_SESSIONS].key)
-    login_url = f"{settings.preview_origin}{LOGIN_PATH}?{urlencode({'ticket': ticket})}"
+    key = request.app[PREVIEW_SESSIONS].key
+    label = await request.app[PREVIEW_HOSTS].label(user)
+    root_ticket = sign(user, TICKET_AUDIENCE, TICKET_LIFETIME_S, key, host=label)
+    path_ticket = sign(user, TICKET_AUDIENCE, TICKET_LIFETIME_S, key)
+    origin = settings.preview_root_origin(label)
     body = {
-        "login_url": login_url,
-        "preview_url": request.app[SANDBOXES].preview_url(user),
+        "login_url": f"{origin}{ROOT_LOGIN_PATH}?{urlencode({'ticket': root_ticket})}",
+        "preview_url": f"{origin}/",
+        "path_login_url": f"{settings.preview_origin}{LOGIN_PATH}?{urlencode({'ticket': path_ticket})}",
+        "path_preview_url": path_preview_url(settings, user),
         "expires_in": TICKET_LIFETIME_S,
     }
     return web.json_response(body)
 
 
+def path_preview_url(settings: Settings, user: str) -> str:
+    return f"{settings.preview_origin}/preview/{user}/"
+
+
 async def preview_login(request: web.Request) -> web.StreamResponse:
-    """GET /_preview/login?ticket=...: sets the preview cookie and goes on to the preview."""
+    """GET /_preview/login?ticket=... on the preview origin: the path route's cookie, then the preview."""
     settings = request.app[SETTINGS]
     if request.host != settings.preview_host:
         raise InvalidRequest("preview logins happen on the preview origin")
-    user = verified_user(request.query.get("ticket", ""), TICKET_AUDIENCE, request.app[PREVIEW_SESSIONS].key)
-    if user is None:
+    user = _ticket_user(request, None)
+    raise _with_cookie(
+        web.HTTPSeeOther(f"/preview/{user}/"),
+        SESSION_COOKIE,
+        sign(user, SESSION_AUDIENCE, SESSION_LIFETIME_S, request.app[PREVIEW_SESSIONS].key),
+        f"/preview/{user}/",
+        SESSION_LIFETIME_S,
+        settings,
+    )
+
+
+async def root_login(request: web.Request) -> web.StreamResponse:
+    """GET /_sandbox-gateway/login?ticket=...[&next=/path] on a sandbox's own origin."""
+    route = await _root_route(request)
+    user = _ticket_user(request, route.label)
+    if user != route.user:
+        raise Forbidden("this login link is for another preview")
+    cookie = sign(
+        user, SESSION_AUDIENCE, SESSION_LIFETIME_S, request.app[PREVIEW_SESSIONS].key, host=route.label
+    )
+    redirect = web.HTTPSeeOther(_next_path(request.query.get("next")))
+    raise _with_cookie(redirect, SESSION_COOKIE, cookie, "/", SESSION_LIFETIME_S, request.app[SETTINGS])
+
+
+async def open_share(request: web.Request) -> web.StreamResponse:
+    """GET /_sandbox-gateway/share?key=...: a share link, traded for this origin's share cookie."""
+    route = await _root_route(request)
+    gate = request.app[PREVIEW_GATE]
+    share = await gate.shares.by_secret(request.query.get("key", ""))
+    if share is None or share.user != route.user or not is_live(share):
+        raise PreviewNotFound("this share link is not valid: it may have expired or been revoked")
+    assert route.label is not None
+    lifetime = int(share.expires_at.timestamp() - time.time())
+    cookie = sign_share(
+        share.id, route.label, share.expires_at.timestamp(), request.app[PREVIEW_SESSIONS].key
+    )
+    redirect = web.HTTPSeeOther("/")
+    raise _with_cookie(redirect, SHARE_COOKIE, cookie, "/", lifetime, request.app[SETTINGS])
+
+
+async def wake(request: web.Request) -> web.StreamResponse:
+    """POST /_sandbox-gateway/start on a sandbox's own origin, from its stopped page: starts the
+    sandbox for its owner (or a share viewer the owner allowed), then goes back to the page asked for."""
+    route = await _root_route(request)
+    gate = request.app[PREVIEW_GATE]
+    settings = request.app[SETTINGS]
+    seen_origin = request.headers.get(hdrs.ORIGIN)
+    # A form of another origin of the same site would carry the cookie too.
+    if seen_origin != route.origin:
+        raise Forbidden("start the sandbox from its own preview page")
+    viewer = await gate.viewer(route, PreviewRequest.of(request))
+    if settings.preview_wake == "off" or not viewer.may_wake:
+        raise SandboxNotRunning("this preview's sandbox is stopped, and may not be started from here")
+    assert route.user is not None
+    form = await request.post()
+    next_path = _next_path(str(form.get("next", "/")))
+    await ratelimit.take(request.app[DB], route.user, "start", settings.start_rate)
+    await request.app[SANDBOXES].start(route.user)
+    raise web.HTTPSeeOther(next_path)
+
+
+async def _root_route(request: web.Request) -> Route:
+    """The sandbox's own origin a request of the gateway's own pages is on, with its owner."""
+    gate = request.app[PREVIEW_GATE]
+    label = label_of_host(request.host, gate.settings.preview_root_suffix)
+    if label is None:
+        raise PreviewNotFound("no preview is served at this host")
+    route = Route(label, None, "/", gate.settings.preview_root_origin(label))
+    return await gate.resolved(route)
+
+
+def _ticket_user(request: web.Request, label: str | None) -> str:
+    claims = verified_claims(
+        request.query.get("ticket", ""), TICKET_AUDIENCE, request.app[PREVIEW_SESSIONS].key
+    )
+    if claims is None or claims.host != label:
         raise Unauthorized(
             "the preview login link is invalid or has expired; open the preview from the page again"
         )
-    response = web.HTTPSeeOther(f"/preview/{user}/")
+    return claims.subject
+
+
+def _next_path(raw: str | None) -> str:
+    """Where a login or a start goes on: a path of this origin only, never another site."""
+    if (
+        not raw
+        or not raw.startswith("/")
+        or raw.startswith("//")
+        or "\\" in raw
+        or raw.startswith(RESERVED_PREFIX)
+    ):
+        return "/"
+    return raw
+
+
+def _with_cookie(
+    response: web.HTTPException, name: str, value: str, path: str, max_age: int, settings: Settings
+) -> web.HTTPException:
+    # Host-only (no Domain): the cookie goes back to this one origin, never to a sibling preview.
     response.set_cookie(
-        COOKIE,
-        sign(user, SESSION_AUDIENCE, SESSION_LIFETIME_S, request.app[PREVIEW_SESSIONS].key),
-        path=f"/preview/{user}/",
-        max_age=SESSION_LIFETIME_S,
+        name,
+        value,
+        path=path,
+        max_age=max_age,
         httponly=True,
         samesite="Lax",
-        secure=settings.preview_origin.startswith("https:"),
+        secure=settings.preview_scheme == "https",
     )
-    # The ticket must not linger in the history entry's referrer.
+    # The ticket or share key must not linger in the next page's referrer.
     response.headers["Referrer-Policy"] = "no-referrer"
-    raise response
-
-
-def authorize_viewer(request: web.Request, owner: str) -> None:
-    """Lets the request through only if it comes from the preview's owner."""
-    headers = request.headers
-    check_viewer(
-        owner,
-        headers.get("Authorization"),
-        headers.get("Cookie"),
-        request.app[TOKENS],
-        request.app[PREVIEW_SESSIONS],
-    )
-
-
-def check_viewer(
-    owner: str,
-    authorization: str | None,
-    cookie_header: str | None,
-    tokens: TokenVerifier,
-    sessions: PreviewSessions,
-) -> None:
-    """The preview's owner, by bearer token or preview cookie, passes; anyone else gets the error
-    to answer with. Takes header values, not a request: the front door (frontdoor.py) asks it too."""
-    viewer: str | None
-    if authorization is not None:
-        viewer = tokens.verify(parse_bearer(authorization)).user
-    else:
-        cookie = preview_cookie(cookie_header or "")
-        viewer = sessions.user(cookie) if cookie else None
-        if viewer is None:
-            raise Unauthorized("sign in to see this preview: open it from the page, or send a bearer token")
-    if viewer != owner:
-        raise Forbidden("this preview belongs to another user")
-
-
-def preview_cookie(cookie_header: str) -> str | None:
-    """Our cookie's value in a Cookie header. The first of the name wins: browsers send the cookie of
-    the longest matching path first, and ours has the preview's own path."""
-    for part in cookie_header.split(";"):
-        name, sign, value = part.strip().partition("=")
-        if sign and name == COOKIE:
-            return value.strip('" ')
-    return None
-
-
-def strip_preview_cookie(cookie_header: str) -> str:
-    """The Cookie header without ours, for the dev server, which must never see the credential."""
-    kept = [part for part in cookie_header.split(";") if part.strip().partition("=")[0] != COOKIE]
-    return ";".join(kept).strip()
-
-
-def rewrite_set_cookie(value: str, prefix: str) -> str:
-    """Keeps a dev server's cookie inside its preview: its Path under the prefix, no Domain."""
-    cookie = SimpleCookie()
-    try:
-        cookie.load(value)
-    except CookieError:
-        # A cookie we cannot parse is dropped, never passed on unchecked.
-        return ""
-    for morsel in cookie.values():
-        path = morsel["path"] or "/"
-        if not path.startswith(prefix):
-            morsel["path"] = prefix + path.lstrip("/")
-        morsel["domain"] = ""
-    return cookie.output(header="").strip()
+    return response

@@ -1,9 +1,10 @@
-"""Preview login tickets and preview-session cookies: JWTs the gateways sign, with a key they keep in
-PostgreSQL, and verify (preview_auth.py says what they are for)."""
+"""Preview login tickets, preview-session cookies and share cookies: JWTs the gateways sign, with a
+key they keep in PostgreSQL, and verify (preview_auth.py says what they are for)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import jwt
 
@@ -11,51 +12,75 @@ from .tokens import USER_PATTERN, VerifiedMemo
 
 TICKET_AUDIENCE = "sandbox-gateway:preview-login"
 SESSION_AUDIENCE = "sandbox-gateway:preview-session"
+SHARE_AUDIENCE = "sandbox-gateway:preview-share"
 TICKET_LIFETIME_S = 60
 SESSION_LIFETIME_S = 12 * 3600
 ALGORITHM = "HS256"
 
 
-def sign(user: str, audience: str, lifetime_s: int, key: bytes) -> str:
+def sign(user: str, audience: str, lifetime_s: int, key: bytes, host: str | None = None) -> str:
+    """`host`: the one preview origin (its label) the token is good for; None for the path route."""
     now = int(time.time())
-    return jwt.encode(
-        {"sub": user, "aud": audience, "iat": now, "exp": now + lifetime_s}, key, algorithm=ALGORITHM
-    )
+    claims: dict[str, object] = {"sub": user, "aud": audience, "iat": now, "exp": now + lifetime_s}
+    if host is not None:
+        claims["host"] = host
+    return jwt.encode(claims, key, algorithm=ALGORITHM)
 
 
-def verified_claims(token: str, audience: str, key: bytes) -> tuple[str, float] | None:
-    """The user and expiry of a token we signed for `audience`; None for anything else."""
+def sign_share(share_id: str, label: str, expires: float, key: bytes) -> str:
+    """A share cookie: which share, for which preview origin, until the share's own end at most."""
+    now = int(time.time())
+    lifetime = min(int(expires) - now, SESSION_LIFETIME_S)
+    claims = {"sub": share_id, "aud": SHARE_AUDIENCE, "host": label, "iat": now, "exp": now + lifetime}
+    return jwt.encode(claims, key, algorithm=ALGORITHM)
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    subject: str  # a user, or for a share cookie the share's id
+    host: str | None  # the label of the preview origin it is bound to; None: the path route
+    expires: float
+
+
+def verified_claims(token: str, audience: str, key: bytes) -> Verified | None:
+    """The subject, origin and expiry of a token we signed for `audience`; None for anything else."""
     try:
         claims = jwt.decode(
             token, key, algorithms=[ALGORITHM], audience=audience, options={"require": ["exp", "sub", "aud"]}
         )
     except jwt.InvalidTokenError:
         return None
-    user = claims["sub"]
-    if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
+    subject, host = claims["sub"], claims.get("host")
+    if not isinstance(subject, str) or not USER_PATTERN.fullmatch(subject):
         return None
-    return user, float(claims["exp"])
-
-
-def verified_user(token: str, audience: str, key: bytes) -> str | None:
-    verified = verified_claims(token, audience, key)
-    return None if verified is None else verified[0]
+    if host is not None and not isinstance(host, str):
+        return None
+    return Verified(subject, host, float(claims["exp"]))
 
 
 class PreviewSessions:
-    """Verifies preview-session cookies, remembering those that passed: a browser sends its cookie
-    with every module the dev server serves, and a signature check costs more than proxying one."""
+    """Verifies preview-session and share cookies, remembering those that passed: a browser sends its
+    cookie with every module the dev server serves, and a signature check costs more than proxying one."""
 
     def __init__(self, key: bytes, size: int = 4096) -> None:
         self.key = key
-        self._verified: VerifiedMemo[str] = VerifiedMemo(size)
+        self._sessions: VerifiedMemo[Verified] = VerifiedMemo(size)
+        self._shares: VerifiedMemo[Verified] = VerifiedMemo(size)
 
-    def user(self, cookie: str) -> str | None:
-        hit = self._verified.get(cookie)
+    def session(self, cookie: str) -> Verified | None:
+        """A session cookie's user (`subject`) and the origin it was given for."""
+        return self._verified(cookie, SESSION_AUDIENCE, self._sessions)
+
+    def share(self, cookie: str) -> Verified | None:
+        """A share cookie's share id (`subject`) and the origin it was given for."""
+        return self._verified(cookie, SHARE_AUDIENCE, self._shares)
+
+    def _verified(self, cookie: str, audience: str, memo: VerifiedMemo[Verified]) -> Verified | None:
+        hit = memo.get(cookie)
         if hit is not None:
             return hit
-        verified = verified_claims(cookie, SESSION_AUDIENCE, self.key)
+        verified = verified_claims(cookie, audience, self.key)
         if verified is None:
             return None
-        self._verified.put(cookie, *verified)
-        return verified[0]
+        memo.put(cookie, verified, verified.expires)
+        return verified

@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 
 from .errors import ProjectExists, ProjectFailed
-from .keys import EXEC_RUNNER, SANDBOXES, USER
+from .keys import EXEC_RUNNER, PREVIEW_GATE, SANDBOXES, USER
 from .schemas import ProjectBody, parse_body
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,6 @@ async def create_project(request: web.Request) -> web.Response:
         "template": body.template,
         "started": body.start,
         "dev_server_log": f"/workspace/{body.name}/.dev-server.log" if body.start else None,
-        "preview_url": sandboxes.preview_url(user),
+        **await request.app[PREVIEW_GATE].urls(user),
     }
     return web.json_response(payload, status=201)

@@ -20,6 +20,7 @@ from .keys import (
     EXEC_RUNNER,
     METRICS,
     OPENAPI_DOCUMENT,
+    PREVIEW_GATE,
     PUBLIC_ROUTES,
     SANDBOXES,
     SETTINGS,
@@ -27,10 +28,20 @@ from .keys import (
 )
 from .metrics import Metrics
 from .metrics_http import metrics_endpoint
-from .preview import preview, preview_redirect_slash
-from .preview_auth import LOGIN_PATH, preview_login, preview_session
+from .preview import START_PATH, preview, preview_redirect_slash
+from .preview_auth import (
+    LOGIN_PATH,
+    ROOT_LOGIN_PATH,
+    open_share,
+    preview_login,
+    preview_session,
+    root_login,
+    wake,
+)
 from .projects import create_project
 from .schemas import ExecBody, StartBody, exec_json, parse_body, parse_purge, session_json
+from .share_api import create_share, list_shares, revoke_share
+from .shares import SHARE_PATH
 from .terminal import terminal
 
 # The page as Vite built it (scripts/build-page.sh); the sources are in static/ beside it.
@@ -53,15 +64,15 @@ async def start_sandbox(request: web.Request) -> web.Response:
     if result.created:
         metrics.start_seconds.observe(time.perf_counter() - started)
     metrics.starts.labels("created" if result.created else "existing").inc()
-    body = session_json(result.session, request.app[SETTINGS], sandboxes.preview_url(user))
+    body = session_json(result.session, request.app[SETTINGS], await request.app[PREVIEW_GATE].urls(user))
     return web.json_response(body, status=201 if result.created else 200)
 
 
 async def get_sandbox(request: web.Request) -> web.Response:
-    sandboxes = request.app[SANDBOXES]
     user = request[USER]
-    session = await sandboxes.get(user)
-    return web.json_response(session_json(session, request.app[SETTINGS], sandboxes.preview_url(user)))
+    session = await request.app[SANDBOXES].get(user)
+    urls = await request.app[PREVIEW_GATE].urls(user)
+    return web.json_response(session_json(session, request.app[SETTINGS], urls))
 
 
 async def stop_sandbox(request: web.Request) -> web.Response:
@@ -144,6 +155,9 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/api/sandbox/exec", exec_snippet)
     router.add_get("/api/sandbox/terminal", terminal, allow_head=False)
     router.add_post("/api/sandbox/preview-session", preview_session)
+    router.add_post("/api/sandbox/shares", create_share)
+    router.add_get("/api/sandbox/shares", list_shares, allow_head=False)
+    router.add_delete("/api/sandbox/shares/{id}", revoke_share)
     router.add_post("/api/sandbox/projects", create_project)
     router.add_get("/api/admin/sandboxes", list_sandboxes, allow_head=False)
     router.add_get("/api/admin/sandboxes/{user}", get_any_sandbox, allow_head=False)
@@ -158,6 +172,10 @@ def setup_routes(app: web.Application) -> None:
         router.add_route("*", "/preview/{user}/{tail:.*}", preview),
         router.add_get("/preview/{user}", preview_redirect_slash, allow_head=False),
         router.add_get(LOGIN_PATH, preview_login, allow_head=False),
+        # Each sandbox's own origin: preview_host_middleware lets only these reach the router there.
+        router.add_get(ROOT_LOGIN_PATH, root_login, allow_head=False),
+        router.add_get(SHARE_PATH, open_share, allow_head=False),
+        router.add_post(START_PATH, wake),
     ]
     # The page's own files hold no secrets; the API calls they make carry the token.
     if PAGE_DIR.is_dir():

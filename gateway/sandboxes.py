@@ -191,6 +191,3 @@ class Sandboxes:
     async def record_activity(self, user: str) -> None:
         async with db.connection(self._pool) as conn:
             await db.touch(conn, user)
-
-    def preview_url(self, user: str) -> str:
-        return f"{self._settings.preview_origin}/preview/{user}/"

@@ -111,7 +111,7 @@ def parse_purge(request: web.Request) -> bool:
     return purge == "true"
 
 
-def session_json(session: Session, settings: Settings, preview_url: str) -> dict[str, Any]:
+def session_json(session: Session, settings: Settings, preview_urls: dict[str, str]) -> dict[str, Any]:
     return {
         "user": session.user,
         "state": session.state,
@@ -124,7 +124,7 @@ def session_json(session: Session, settings: Settings, preview_url: str) -> dict
             "cpus": settings.limits.cpus,
             "pids": settings.limits.pids,
         },
-        "preview_url": preview_url,
+        **preview_urls,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -12,6 +13,10 @@ from urllib.parse import urlsplit
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
 DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# A DNS name of at least two labels, with an optional port: what a wildcard *.<domain> can cover.
+PREVIEW_DOMAIN = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{1,63}(?::\d{1,5})?"
+)
 
 
 class SettingsError(ValueError):
@@ -71,8 +76,17 @@ class Settings:
     # Where browsers reach the page and API. Previews are served on a sibling origin of the same domain
     # and port (README, "Preview isolation"), which is why the default is a name, not 127.0.0.1.
     public_url: str = "http://sandbox.localhost:8080"
-    # Where browsers reach previews; by default preview.<host of public_url>, same scheme and port.
+    # Where browsers reach path previews (/preview/<user>/); by default preview.<host of public_url>,
+    # same scheme and port.
     preview_url: str | None = None
+    # Each sandbox's own preview origin is <label>.<preview_domain> (host[:port]), with the preview
+    # URL's scheme; by default the host of the preview URL. Needs a wildcard DNS name (and certificate).
+    preview_domain: str | None = None
+    # A stopped sandbox's owner opening its preview: "ask" (a Start button), "auto" (start it), "off".
+    preview_wake: str = "ask"
+    # Share links of a preview: the longest lifetime one may ask for, and how many may be live per user.
+    share_max_lifetime_s: int = 7 * 24 * 3600
+    max_shares_per_user: int = 20
     # Origins besides the gateway's own from which browsers may open WebSockets (terminal, preview HMR).
     allowed_origins: frozenset[str] = frozenset()
     max_terminals_per_user: int = 5
@@ -112,6 +126,18 @@ class Settings:
     def preview_host(self) -> str:
         return urlsplit(self.preview_origin).netloc
 
+    @cached_property
+    def preview_scheme(self) -> str:
+        return urlsplit(self.preview_origin).scheme
+
+    @cached_property
+    def preview_root_suffix(self) -> str:
+        """What every sandbox's own preview host ends with: "." and the preview domain, lower case."""
+        return "." + (self.preview_domain or self.preview_host).lower()
+
+    def preview_root_origin(self, label: str) -> str:
+        return f"{self.preview_scheme}://{label}{self.preview_root_suffix}"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         return cls(
@@ -142,6 +168,10 @@ class Settings:
             ),
             public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/") or _default_public_url(env),
             preview_url=(env.get("GATEWAY_PREVIEW_URL") or "").rstrip("/") or None,
+            preview_domain=env.get("GATEWAY_PREVIEW_DOMAIN", "").strip().rstrip("/") or None,
+            preview_wake=_choice(env, "GATEWAY_PREVIEW_WAKE", "ask", ("ask", "auto", "off")),
+            share_max_lifetime_s=_int(env, "PREVIEW_SHARE_MAX_LIFETIME_S", 7 * 24 * 3600, minimum=60),
+            max_shares_per_user=_int(env, "PREVIEW_MAX_SHARES_PER_USER", 20, minimum=0),
             allowed_origins=frozenset(
                 origin.strip().rstrip("/")
                 for origin in env.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")
@@ -175,6 +205,16 @@ class Settings:
                 raise SettingsError(f"{name} must be an http(s) URL, got {url!r}")
         if self.preview_origin == self.public_origin:
             raise SettingsError("GATEWAY_PREVIEW_URL must be another origin than GATEWAY_PUBLIC_URL")
+        if self.preview_domain is not None and not PREVIEW_DOMAIN.fullmatch(self.preview_domain):
+            raise SettingsError(
+                "GATEWAY_PREVIEW_DOMAIN must be a host name with an optional port,"
+                f" got {self.preview_domain!r}"
+            )
+        if self.public_host.lower().endswith(self.preview_root_suffix):
+            # The page would then be some user's preview origin.
+            raise SettingsError("GATEWAY_PUBLIC_URL must not lie under GATEWAY_PREVIEW_DOMAIN")
+        if self.preview_wake not in ("ask", "auto", "off"):
+            raise SettingsError(f"GATEWAY_PREVIEW_WAKE must be ask, auto or off, got {self.preview_wake!r}")
         if self.metrics_token is not None and len(self.metrics_token) < 16:
             raise SettingsError("GATEWAY_METRICS_TOKEN must be at least 16 characters long")
         if self.exec.default_timeout_ms > self.exec.max_timeout_ms:

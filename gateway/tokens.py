@@ -97,6 +97,14 @@ class TokenVerifier:
         return identity
 
 
+def parse_bearer(header: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header's value."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    raise Unauthorized("send Authorization: Bearer <token>")
+
+
 def mint_token(user: str, settings: Settings, lifetime_s: int, *, admin: bool = False) -> str:
     """A token for `user`, for local development and tests only: production tokens come from the
     operator's identity provider."""

@@ -158,10 +158,15 @@ def test_preview_sessions_remember_only_cookies_that_passed() -> None:
     key = b"preview-key-for-the-tests-32-bytes!"
     sessions = PreviewSessions(key, size=2)
     cookie = sign("alice", SESSION_AUDIENCE, 60, key)
-    assert sessions.user(cookie) == "alice"
-    assert sessions.user(cookie) == "alice"
+    verified = sessions.session(cookie)
+    assert verified is not None
+    assert (verified.subject, verified.host) == ("alice", None)
+    assert sessions.session(cookie) == verified
+    bound = sessions.session(sign("alice", SESSION_AUDIENCE, 60, key, host="pabc"))
+    assert bound is not None
+    assert bound.host == "pabc"
     # A ticket is not a session, another key's cookie is not ours, an expired one is over.
-    assert sessions.user(sign("alice", TICKET_AUDIENCE, 60, key)) is None
-    assert sessions.user(sign("alice", SESSION_AUDIENCE, 60, b"another-key-that-is-long-enough-32b")) is None
-    assert sessions.user(sign("alice", SESSION_AUDIENCE, -60, key)) is None
-    assert sessions.user("not.a.token") is None
+    assert sessions.session(sign("alice", TICKET_AUDIENCE, 60, key)) is None
+    assert sessions.session(sign("alice", SESSION_AUDIENCE, 60, b"another-key-that-is-long-enough-32b")) is None
+    assert sessions.session(sign("alice", SESSION_AUDIENCE, -60, key)) is None
+    assert sessions.session("not.a.token") is None

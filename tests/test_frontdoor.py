@@ -13,7 +13,8 @@ import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
-from gateway.frontdoor import GatewayServer, parse_head
+from gateway.frontdoor import GatewayServer
+from gateway.http1 import parse_head
 from gateway.keys import METRICS
 from gateway.settings import Settings
 

@@ -1,0 +1,269 @@
+"""A preview WebSocket after the dev server's 101: the client's and the dev server's connections copy
+into each other, transport to transport, until either closes. No frame is parsed: the browser and the
+dev server speak WebSocket (subprotocol, pings, compression, close codes) to each other, as they do
+through the fast proxies. Both transports end here: the front door hands over its connection's
+transport, aiohttp its request's (whose parser then feeds the splice).
+
+Backpressure both ways: a backed-up side pauses reading on the other. Bytes that crossed in an
+interval count as activity, as terminal traffic does; a socket that only sits open does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .activity import ActivityRecorder
+from .metrics import Metrics
+from .preview_headers import parse_answer_head
+
+# Above this much unsent toward the client, reading from the dev server waits (aiohttp's transports
+# say nothing to a protocol that is not theirs, so the aiohttp side measures it itself).
+CLIENT_HIGH_WATER = 256 * 1024
+
+
+class _UpstreamPipe(asyncio.Protocol):
+    """The dev server's side: what it sends goes to the client."""
+
+    def __init__(self, splice: Splice) -> None:
+        self._splice = splice
+
+    def data_received(self, data: bytes) -> None:
+        self._splice.to_client(data)
+
+    def pause_writing(self) -> None:
+        self._splice.client_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._splice.client_transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._splice.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._splice.close()
+
+
+class _ClientPipe(asyncio.Protocol):
+    """The client's side, for a connection the front door hands over as a bare transport."""
+
+    def __init__(self, splice: Splice) -> None:
+        self._splice = splice
+
+    def data_received(self, data: bytes) -> None:
+        self._splice.to_upstream(data)
+
+    def pause_writing(self) -> None:
+        self._splice.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._splice.upstream.resume_reading()
+
+    def eof_received(self) -> bool:
+        self._splice.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._splice.close()
+
+
+class _ClientFeed:
+    """The client's side of a connection aiohttp serves: its protocol hands us the bytes in place of
+    its HTTP parser, as it does for its own WebSocketResponse."""
+
+    def __init__(self, splice: Splice) -> None:
+        self._splice = splice
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self._splice.to_upstream(data)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._splice.close()
+
+
+class Splice:
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        upstream: asyncio.Transport,
+        *,
+        user: str,
+        counts_activity: bool,
+        activity: ActivityRecorder,
+        metrics: Metrics,
+        on_close: Callable[[Splice], None] | None = None,
+    ) -> None:
+        self.client_transport = client
+        self.upstream = upstream
+        self._user = user
+        self._counts_activity = counts_activity
+        self._activity = activity
+        self._metrics = metrics
+        self._on_close = on_close
+        self._loop = asyncio.get_running_loop()
+        self.moved = 0
+        self._last_moved = 0
+        self._draining: asyncio.Future[None] | None = None
+        self._drain: Callable[[], asyncio.Future[None]] | None = None
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self._recording: set[asyncio.Task[None]] = set()
+        upstream.set_protocol(_UpstreamPipe(self))
+        metrics.open_websockets.labels("preview").inc()
+        self._timer = self._loop.call_later(activity.interval_s, self._record_activity)
+
+    @classmethod
+    def of_transport(
+        cls,
+        client: asyncio.Transport,
+        upstream: asyncio.Transport,
+        ahead: bytes,
+        upstream_ahead: bytes,
+        **kwargs: object,
+    ) -> Splice:
+        """For the front door: the client's transport becomes the splice's. `ahead`: what the
+        client sent after its upgrade request; `upstream_ahead`: what followed the dev server's 101."""
+        splice = cls(client, upstream, **kwargs)  # type: ignore[arg-type]
+        client.set_protocol(_ClientPipe(splice))
+        splice._start(ahead, upstream_ahead)
+        return splice
+
+    @classmethod
+    def of_request(
+        cls, request: web.Request, upstream: asyncio.Transport, upstream_ahead: bytes, **kwargs: object
+    ) -> Splice:
+        """For aiohttp, once it has sent the 101: the request's connection feeds the splice."""
+        assert request.transport is not None
+        splice = cls(request.transport, upstream, **kwargs)  # type: ignore[arg-type]
+        # Public since aiohttp 3.x for exactly this: WebSocketResponse hands the connection over the same way.
+        request.protocol.set_parser(_ClientFeed(splice))  # type: ignore[arg-type]
+        writer = request.writer
+        splice._drain = lambda: asyncio.ensure_future(writer.drain())
+        splice._start(b"", upstream_ahead)
+        return splice
+
+    def _start(self, ahead: bytes, upstream_ahead: bytes) -> None:
+        if upstream_ahead:
+            self.to_client(upstream_ahead)
+        if ahead:
+            self.to_upstream(ahead)
+
+    def to_client(self, data: bytes) -> None:
+        self.client_transport.write(data)
+        self.moved += len(data)
+        if (
+            self._drain is not None
+            and self._draining is None
+            and self.client_transport.get_write_buffer_size() > CLIENT_HIGH_WATER
+        ):
+            self.upstream.pause_reading()
+            self._draining = self._drain()
+            self._draining.add_done_callback(self._drained)
+
+    def _drained(self, _: asyncio.Future[None]) -> None:
+        self._draining = None
+        if not self.upstream.is_closing():
+            self.upstream.resume_reading()
+
+    def to_upstream(self, data: bytes) -> None:
+        self.upstream.write(data)
+        self.moved += len(data)
+
+    def _record_activity(self) -> None:
+        if self._counts_activity and self.moved != self._last_moved:
+            self._last_moved = self.moved
+            task = self._loop.create_task(self._activity.seen(self._user))
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
+        self._timer = self._loop.call_later(self._activity.interval_s, self._record_activity)
+
+    def close(self) -> None:
+        if self.closed.done():
+            return
+        self.closed.set_result(None)
+        self._timer.cancel()
+        if self._draining is not None:
+            self._draining.cancel()
+        self.client_transport.close()
+        self.upstream.close()
+        self._metrics.open_websockets.labels("preview").dec()
+        if self._on_close is not None:
+            self._on_close(self)
+
+
+# The dev server's answer to an upgrade: bounded in size and in time.
+UPGRADE_HEAD_LIMIT = 64 * 1024
+UPSTREAM_CONNECT_S = 10.0
+
+
+class UpgradeRefused(Exception):
+    """Nothing answered the upgrade, or not with a head (a dev server not running yet, most likely)."""
+
+
+class _UpgradeAnswer(asyncio.Protocol):
+    """Reads the dev server's answer to the upgrade, and holds whatever follows it until the splice."""
+
+    def __init__(self) -> None:
+        self.head: asyncio.Future[tuple[int, list[tuple[str, str]]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._buffer = bytearray()
+        self._end = -1
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self.head.done():
+            return
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > UPGRADE_HEAD_LIMIT:
+                self.head.set_exception(UpgradeRefused("the dev server's answer has no end"))
+            return
+        self._end = end + 4
+        try:
+            self.head.set_result(parse_answer_head(bytes(self._buffer[: self._end])))
+        except (ValueError, IndexError) as err:
+            self.head.set_exception(UpgradeRefused(f"malformed answer: {err}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(UpgradeRefused("the dev server closed the connection"))
+
+    def rest(self) -> bytes:
+        return bytes(self._buffer[self._end :])
+
+
+@dataclass(slots=True)
+class UpgradeAnswer:
+    transport: asyncio.Transport
+    status: int
+    headers: list[tuple[str, str]]
+    ahead: bytes  # what the dev server sent after its head
+
+
+async def upgrade_upstream(port: int, head: bytes) -> UpgradeAnswer:
+    """Sends the upgrade request to the dev server on 127.0.0.1:`port` and reads its answer. A 101's
+    transport is the caller's to splice; any other answer's is already closed."""
+    loop = asyncio.get_running_loop()
+    try:
+        transport, answer = await asyncio.wait_for(
+            loop.create_connection(_UpgradeAnswer, "127.0.0.1", port), UPSTREAM_CONNECT_S
+        )
+    except (OSError, TimeoutError) as err:
+        raise UpgradeRefused(str(err)) from err
+    try:
+        transport.write(head)
+        status, headers = await asyncio.wait_for(answer.head, UPSTREAM_CONNECT_S)
+    except (OSError, TimeoutError, UpgradeRefused) as err:
+        transport.close()
+        raise UpgradeRefused(str(err)) from err
+    except BaseException:
+        transport.close()
+        raise
+    if status != 101:
+        transport.close()
+    return UpgradeAnswer(transport, status, headers, answer.rest())
