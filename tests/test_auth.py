@@ -167,6 +167,8 @@ def test_preview_sessions_remember_only_cookies_that_passed() -> None:
     assert bound.host == "pabc"
     # A ticket is not a session, another key's cookie is not ours, an expired one is over.
     assert sessions.session(sign("alice", TICKET_AUDIENCE, 60, key)) is None
-    assert sessions.session(sign("alice", SESSION_AUDIENCE, 60, b"another-key-that-is-long-enough-32b")) is None
+    assert (
+        sessions.session(sign("alice", SESSION_AUDIENCE, 60, b"another-key-that-is-long-enough-32b")) is None
+    )
     assert sessions.session(sign("alice", SESSION_AUDIENCE, -60, key)) is None
     assert sessions.session("not.a.token") is None

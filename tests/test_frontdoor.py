@@ -12,15 +12,17 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 
 from gateway.frontdoor import GatewayServer
 from gateway.http1 import parse_head
 from gateway.keys import METRICS
+from gateway.preview_access import PATH_ROUTE_LABEL, ROOT_ROUTE_LABEL
 from gateway.settings import Settings
 
 from .helpers import auth
 from .test_hostile import exchange
-from .test_preview import Preview, ready_preview
+from .test_preview import ROUTES, Preview, ready_preview
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -65,11 +67,22 @@ def test_heads_the_front_door_takes() -> None:
     assert websocket.upgrade
 
 
-@pytest.fixture
+@pytest.fixture(params=ROUTES)
 async def preview(
+    client: TestClient,
+    settings: Settings,
+    docker: aiodocker.Docker,
+    preview_http: aiohttp.ClientSession,
+    request: pytest.FixtureRequest,
+) -> Preview:
+    return await ready_preview(client, settings, docker, preview_http, request.param)
+
+
+@pytest.fixture
+async def path_preview(
     client: TestClient, settings: Settings, docker: aiodocker.Docker, preview_http: aiohttp.ClientSession
 ) -> Preview:
-    return await ready_preview(client, settings, docker, preview_http)
+    return await ready_preview(client, settings, docker, preview_http, "path")
 
 
 def server_of(client: TestClient) -> GatewayServer:
@@ -93,7 +106,9 @@ async def test_previews_are_answered_at_the_door_and_the_rest_handed_over(previe
     assert server.answered == answered + 3
 
 
-async def test_a_connection_handed_over_midway_loses_nothing(preview: Preview, settings: Settings) -> None:
+async def test_a_connection_handed_over_midway_loses_nothing(
+    path_preview: Preview, settings: Settings
+) -> None:
     """Answered at the door, then a request with a body, then one the door would take: all three come
     back, in order, on one connection (the last from aiohttp, which has the connection by then). On
     the main origin, where a script with a token reaches previews and aiohttp keeps connections."""
@@ -104,7 +119,7 @@ async def test_a_connection_handed_over_midway_loses_nothing(preview: Preview, s
         f"POST /preview/alice/echo?n=2 HTTP/1.1\r\n{head}Content-Length: 5\r\n\r\nhello"
         f"GET /preview/alice/echo?n=3 HTTP/1.1\r\n{head}Connection: close\r\n\r\n"
     ).encode()
-    server = server_of(preview.client)
+    server = server_of(path_preview.client)
     answered = server.answered
     responses = await exchange(settings.port, pipelined)
     bodies = [json.loads(response.body) for response in responses]
@@ -129,10 +144,10 @@ async def test_the_door_and_aiohttp_answer_alike(preview: Preview) -> None:
     port = preview.client.server.port or 0
     extra = ("Cookie: theme=dark", "X-Forwarded-For: 10.0.0.1", "Forwarded: for=evil", "X-Request-Id: req-1")
     answered, handed_over = server.answered, server.handed_over
-    (fast,) = await exchange(port, raw_get(preview, "/preview/alice/echo?q=1", *extra))
+    (fast,) = await exchange(port, raw_get(preview, f"{preview.prefix}echo?q=1", *extra))
     assert (server.answered, server.handed_over) == (answered + 1, handed_over)
     twice = ("Origin: a", "Origin: b")
-    (slow,) = await exchange(port, raw_get(preview, "/preview/alice/echo?q=1", *extra, *twice))
+    (slow,) = await exchange(port, raw_get(preview, f"{preview.prefix}echo?q=1", *extra, *twice))
     assert (server.answered, server.handed_over) == (answered + 1, handed_over + 1)
 
     assert fast.status == slow.status == 200
@@ -151,15 +166,16 @@ async def test_the_door_and_aiohttp_answer_alike(preview: Preview) -> None:
 
 async def test_both_paths_count_under_the_preview_route(preview: Preview) -> None:
     registry = preview.client.app[METRICS].registry
-    labels = {"route": "/preview/{user}/{tail}", "method": "GET", "status": "200"}
+    route = ROOT_ROUTE_LABEL if preview.route == "root" else PATH_ROUTE_LABEL
+    labels = {"route": route, "method": "GET", "status": "200"}
 
     def count() -> float:
         return registry.get_sample_value("sandbox_gateway_http_requests_total", labels) or 0.0
 
     before = count()
     port = preview.client.server.port or 0
-    (fast,) = await exchange(port, raw_get(preview, "/preview/alice/small"))
-    (slow,) = await exchange(port, raw_get(preview, "/preview/alice/small", "Content-Length: 0"))
+    (fast,) = await exchange(port, raw_get(preview, f"{preview.prefix}small"))
+    (slow,) = await exchange(port, raw_get(preview, f"{preview.prefix}small", "Content-Length: 0"))
     assert fast.status == slow.status == 200
     assert count() == before + 2
 
@@ -185,11 +201,36 @@ async def test_on_the_preview_origin_aiohttp_gives_the_connection_back(
     token = auth("alice")["Authorization"]
     head = f"Host: {preview.host}\r\nAuthorization: {token}\r\n"
     pipelined = (
-        f"POST /preview/alice/echo?n=1 HTTP/1.1\r\n{head}Content-Length: 5\r\n\r\nhello"
-        f"GET /preview/alice/echo?n=2 HTTP/1.1\r\n{head}\r\n"
+        f"POST {preview.prefix}echo?n=1 HTTP/1.1\r\n{head}Content-Length: 5\r\n\r\nhello"
+        f"GET {preview.prefix}echo?n=2 HTTP/1.1\r\n{head}\r\n"
     ).encode()
     # exchange() reads until the gateway closes: the POST is answered, and then the connection ends.
     (answer,) = await exchange(settings.port, pipelined)
     assert answer.status == 200
-    assert json.loads(answer.body)["url"] == "/preview/alice/echo?n=1"
+    assert json.loads(answer.body)["url"] == f"{preview.prefix}echo?n=1"
     assert answer.headers["connection"].lower() == "close"
+
+
+async def test_a_websocket_handed_over_is_spliced_by_aiohttp_end_to_end(preview: Preview) -> None:
+    """An upgrade the door does not take (a repeated header) reaches aiohttp's transport, whose splice
+    is the door's: subprotocol, text and binary frames, and close codes pass as on the fast path."""
+    server = server_of(preview.client)
+    handed_over, splices = server.handed_over, len(server.splices)
+    headers = CIMultiDict([("Host", preview.host), *auth("alice").items()])
+    headers.add("X-Request-Id", "one")
+    headers.add("X-Request-Id", "two")
+    ws = await preview.http.ws_connect(preview.url("ws?token=t"), headers=headers, protocols=["vite-hmr"])
+    assert server.handed_over == handed_over + 1
+    assert len(server.splices) == splices, "not a door splice"
+    assert ws.protocol == "vite-hmr"
+    await ws.send_str("héllo")
+    assert (await ws.receive()).data == "héllo"
+    await ws.send_bytes(b"\x00\xff")
+    assert (await ws.receive()).data == b"\x00\xff"
+    await ws.send_str("whoami")
+    seen = json.loads((await ws.receive()).data)
+    assert seen["url"] == f"{preview.prefix}ws?token=t"
+    assert "authorization" not in seen["headers"]
+    await ws.send_str("close:4321")
+    assert (await ws.receive()).type == WSMsgType.CLOSE
+    assert ws.close_code == 4321

@@ -41,21 +41,39 @@ async def start_upstream(client: TestClient, docker: aiodocker.Docker, user: str
     await execution.start(detach=True)
 
 
+# The two routes to a preview: the sandbox's own origin, served from the root, and the path route.
+ROUTES = ("root", "path")
+
+
 class Preview:
-    """Requests to a user's preview on the preview origin, as a script would send them."""
+    """Requests to a user's preview, as a script would send them: on the sandbox's own origin
+    (`root_url`, from the API) or under /preview/<user>/ on the shared preview origin."""
 
     def __init__(
-        self, client: TestClient, settings: Settings, user: str, http: aiohttp.ClientSession | None = None
+        self,
+        client: TestClient,
+        settings: Settings,
+        user: str,
+        http: aiohttp.ClientSession | None = None,
+        root_url: str | None = None,
     ) -> None:
         self.client = client
-        self.host = settings.preview_host
         self.user = user
+        self.route = "path" if root_url is None else "root"
+        if root_url is None:
+            self.host = settings.preview_host
+            self.prefix = f"/preview/{user}/"
+            self.origin = settings.preview_origin
+        else:
+            self.host = URL(root_url).raw_authority
+            self.prefix = "/"
+            self.origin = root_url.rstrip("/")
         # A browser keeps the preview origin's connections apart from the page's; a session of its own
         # does the same, so that previews meet the front door rather than a connection it handed over.
         self.http: aiohttp.ClientSession | TestClient = http or client
 
     def url(self, path: str) -> URL:
-        return URL(f"/preview/{self.user}/{path.lstrip('/')}", encoded=True)
+        return URL(f"{self.prefix}{path.lstrip('/')}", encoded=True)
 
     async def request(
         self, method: str, path: str, as_user: str | None = None, **kwargs: Any
@@ -77,24 +95,39 @@ async def ready_preview(
     settings: Settings,
     docker: aiodocker.Docker,
     http: aiohttp.ClientSession | None = None,
+    route: str = "path",
 ) -> Preview:
     """Alice's sandbox, started, with the fixture server answering on its preview."""
-    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    started = await client.post("/api/sandbox", headers=auth("alice"))
+    assert started.status == 201
     await start_upstream(client, docker, "alice")
-    alice = Preview(client, settings, "alice", http)
+    root_url = (await started.json())["preview_url"] if route == "root" else None
+    alice = Preview(client, settings, "alice", http, root_url)
     await poll(lambda: listening(alice), timeout_s=20)
     return alice
+
+
+async def root_url_of(client: TestClient, user: str) -> str:
+    response = await client.get("/api/sandbox", headers=auth(user))
+    assert response.status == 200, await response.text()
+    url: str = (await response.json())["preview_url"]
+    return url
 
 
 async def listening(preview: Preview) -> bool:
     return (await preview.request("GET", "echo")).status == 200
 
 
-@pytest.fixture
+@pytest.fixture(params=ROUTES)
 async def preview(
-    client: TestClient, settings: Settings, docker: aiodocker.Docker, preview_http: aiohttp.ClientSession
+    client: TestClient,
+    settings: Settings,
+    docker: aiodocker.Docker,
+    preview_http: aiohttp.ClientSession,
+    request: pytest.FixtureRequest,
 ) -> Preview:
-    return await ready_preview(client, settings, docker, preview_http)
+    """Alice's running preview, on each route in turn."""
+    return await ready_preview(client, settings, docker, preview_http, request.param)
 
 
 async def test_methods_bodies_and_query_strings_pass_untouched(preview: Preview) -> None:
@@ -102,7 +135,7 @@ async def test_methods_bodies_and_query_strings_pass_untouched(preview: Preview)
         body = b"payload-" + method.encode() if method not in ("GET", "OPTIONS") else b""
         echoed = await preview.echo(method, "echo?a=1&b=%2F&c=%20x&a=2", data=body)
         assert echoed["method"] == method
-        assert echoed["url"] == "/preview/alice/echo?a=1&b=%2F&c=%20x&a=2"
+        assert echoed["url"] == f"{preview.prefix}echo?a=1&b=%2F&c=%20x&a=2"
         assert echoed["size"] == len(body)
         assert echoed["sha256"] == hashlib.sha256(body).hexdigest()
     head = await preview.request("HEAD", "echo")
@@ -170,18 +203,18 @@ async def test_headers_hop_by_hop_forwarded_and_credentials(preview: Preview) ->
 
 async def test_redirects_and_cookies_stay_inside_the_prefix(preview: Preview) -> None:
     own = await preview.request("GET", "redirect-own-origin")
-    assert (own.status, own.headers["Location"]) == (302, "/preview/alice/target?x=1")
+    assert (own.status, own.headers["Location"]) == (302, f"{preview.prefix}target?x=1")
     root = await preview.request("GET", "redirect-root")
-    assert root.headers["Location"] == "/preview/alice/elsewhere"
+    assert root.headers["Location"] == f"{preview.prefix}elsewhere"
     away = await preview.request("GET", "redirect-away")
     assert away.headers["Location"] == "https://example.org/"
 
     cookies = await preview.request("GET", "cookies")
     set_cookies = cookies.headers.getall("Set-Cookie")
     assert any(
-        c.startswith("wide=1") and "Path=/preview/alice/" in c and "Domain" not in c for c in set_cookies
+        c.startswith("wide=1") and f"Path={preview.prefix}" in c and "Domain" not in c for c in set_cookies
     )
-    assert any(c.startswith("narrow=2") and "Path=/preview/alice/sub" in c for c in set_cookies)
+    assert any(c.startswith("narrow=2") and f"Path={preview.prefix}sub" in c for c in set_cookies)
     assert "Service-Worker-Allowed" not in cookies.headers
     assert (await preview.request("GET", "status/418")).status == 418
 
@@ -202,7 +235,7 @@ async def test_websocket_subprotocol_frames_pings_and_close_codes(preview: Previ
     assert (pong.type, pong.data) == (WSMsgType.PONG, b"are you there")
     await ws.send_str("whoami")
     seen = json.loads((await ws.receive()).data)
-    assert seen["url"] == "/preview/alice/ws?token=abc"
+    assert seen["url"] == f"{preview.prefix}ws?token=abc"
     assert "authorization" not in seen["headers"]
     await ws.send_str("close:4321")
     closing = await ws.receive()
@@ -228,15 +261,20 @@ async def test_only_the_owner_sees_a_preview(preview: Preview, settings: Setting
 async def test_browser_cookie_flow(preview: Preview, settings: Settings) -> None:
     session = await preview.client.post("/api/sandbox/preview-session", headers=auth("alice"))
     assert session.status == 200
-    login_url = URL((await session.json())["login_url"])
-    assert login_url.host == settings.preview_host.split(":")[0]
+    urls = await session.json()
+    ours, other = (
+        ("login_url", "path_login_url") if preview.route == "root" else ("path_login_url", "login_url")
+    )
+    login_url = URL(urls[ours])
+    assert login_url.raw_authority == preview.host
     login = await preview.client.get(login_url.path_qs, headers={"Host": preview.host}, allow_redirects=False)
     assert login.status == 303
-    assert login.headers["Location"] == "/preview/alice/"
+    assert login.headers["Location"] == preview.prefix
     cookie = login.cookies["sandbox_preview"]
-    assert cookie["path"] == "/preview/alice/"
+    assert cookie["path"] == preview.prefix
     assert cookie["httponly"]
     assert cookie["samesite"] == "Lax"
+    assert not cookie["domain"], "host-only: never sent to a sibling preview origin"
     headers = {"Host": preview.host, "Cookie": f"sandbox_preview={cookie.value}; theme=dark"}
     echoed = await preview.client.get(preview.url("echo"), headers=headers)
     assert echoed.status == 200
@@ -245,10 +283,13 @@ async def test_browser_cookie_flow(preview: Preview, settings: Settings) -> None
     # It opens this preview only, and never the API.
     api = await preview.client.get("/api/sandbox", headers={"Cookie": f"sandbox_preview={cookie.value}"})
     assert api.status == 401
-    # A forged or expired ticket gets nothing.
-    forged = await preview.client.get("/_preview/login?ticket=forged", headers={"Host": preview.host})
-    assert forged.status == 401
-    assert "sandbox_preview" not in forged.cookies
+    # A forged or expired ticket gets nothing, nor does the other route's ticket here.
+    for ticket in ("forged", URL(urls[other]).query["ticket"]):
+        refused = await preview.client.get(
+            login_url.with_query(ticket=ticket).path_qs, headers={"Host": preview.host}, allow_redirects=False
+        )
+        assert refused.status == 401
+        assert "sandbox_preview" not in refused.cookies
 
 
 @pytest.mark.parametrize(
