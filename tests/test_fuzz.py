@@ -368,7 +368,7 @@ def _undocumented_methods(base_url: str, token: str) -> dict[str, requests.Respo
             for method in HTTP_METHODS:
                 if method in documented or (method == "HEAD" and "GET" in documented):
                     continue
-                url = base_url + path.replace("{user}", "alice")
+                url = base_url + path.replace("{user}", "alice").replace("{id}", "0123456789abcdef")
                 headers = {"Authorization": f"Bearer {token}"}
                 outcomes[f"{method} {path}"] = session.request(method, url, headers=headers, timeout=10)
     return outcomes

@@ -205,7 +205,12 @@ async def test_path_tricks_never_reach_bobs_sandbox_with_alices_token(gateway: G
         # Refused by the gateway itself: no dev server answered, not even alice's own.
         assert "x-sandbox-user" not in response.headers, (target, response)
         assert response.status in (400, 403, 404), (target, response)
-        assert response.json()["error"]["code"] in ("invalid_request", "forbidden", "not_found"), response
+        assert response.json()["error"]["code"] in (
+            "invalid_request",
+            "forbidden",
+            "not_found",
+            "preview_not_found",
+        ), response
     await _bob_untouched(gateway, bob_before)
     assert len(await gateway.seen(gateway.alice)) == alice_before
     # Dot segments, plain or encoded, are refused as such, not merely routed somewhere harmless.

@@ -240,7 +240,7 @@ async def test_a_sandbox_started_through_one_gateway_is_served_by_the_other(
     # A browser's preview session: ticket from A, login on B, the cookie good on both.
     status, session = await call(http, a, "POST", "/api/sandbox/preview-session", "alice")
     assert status == 200, session
-    login = URL(session["login_url"])
+    login = URL(session["path_login_url"])
     async with http.get(
         f"{b.url}{login.raw_path_qs}", headers={"Host": settings.preview_host}, allow_redirects=False
     ) as response:

@@ -101,7 +101,9 @@ async def test_the_whole_path_is_the_dev_servers_and_never_the_api(preview: Prev
         "/_sandbox-gateway/%2e%2e/api/sandbox",
     ):
         token = auth("alice")["Authorization"]
-        head = f"GET {raw} HTTP/1.1\r\nHost: {preview.host}\r\nAuthorization: {token}\r\nConnection: close\r\n"
+        head = (
+            f"GET {raw} HTTP/1.1\r\nHost: {preview.host}\r\nAuthorization: {token}\r\nConnection: close\r\n"
+        )
         head += "\r\n"
         (response,) = await exchange(preview.client.server.port or 0, head.encode())
         assert response.status in (400, 404), (raw, response.status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiodocker
 import pytest
@@ -28,7 +29,9 @@ async def test_start_creates_then_returns_the_same_sandbox(client: TestClient, s
     body = await first.json()
     assert body["user"] == "alice"
     assert body["state"] == "running"
-    assert body["preview_url"] == f"{settings.preview_origin}/preview/alice/"
+    # The sandbox's own origin, <label>.<preview domain>, and the path route beside it.
+    assert re.fullmatch(r"http://p[a-z2-7]{16}\.preview\.sandbox\.localhost:\d+/", body["preview_url"])
+    assert body["path_preview_url"] == f"{settings.preview_origin}/preview/alice/"
     assert body["limits"] == {"memory_mb": 256, "cpus": 1.0, "pids": 128}
 
     again = await client.post("/api/sandbox", headers=auth("alice"))

@@ -24,7 +24,7 @@ function showSignedIn(token) {
   $("sign-in").hidden = Boolean(user);
   $("account").hidden = !user;
   $("user").textContent = user ?? "";
-  for (const id of ["run", "connect", "preview-reload", "create-project"]) $(id).disabled = !user;
+  for (const id of ["run", "connect", "preview-reload", "create-project", "share"]) $(id).disabled = !user;
 }
 
 function showSandbox(next) {
@@ -35,6 +35,8 @@ function showSandbox(next) {
   $("start").disabled = state === "running";
   $("stop").disabled = state !== "running";
   if (next?.preview_url) $("preview-link").href = next.preview_url;
+  $("preview-hint").dataset.state = state;
+  if (state === "stopped") $("preview-hint").textContent = "Your sandbox is stopped: Start brings it back with its files.";
 }
 
 async function refreshState() {
@@ -53,6 +55,7 @@ function signIn(token) {
   showSignedIn(token);
   notify("");
   refreshState();
+  showShares().catch(() => {});
 }
 
 function signOut(message) {
@@ -120,8 +123,8 @@ $("run").addEventListener("click", async () => {
   }
 });
 
-// Browsers send no Authorization header from an iframe: a one-minute login link on the preview origin
-// trades for an HttpOnly cookie there, then redirects to the preview itself.
+// Browsers send no Authorization header from an iframe: a one-minute login link on the sandbox's own
+// preview origin trades for an HttpOnly cookie of that origin, then redirects to the preview itself.
 async function showPreview() {
   try {
     const session = await call("POST", "/api/sandbox/preview-session");
@@ -133,6 +136,52 @@ async function showPreview() {
 }
 
 $("preview-reload").addEventListener("click", showPreview);
+
+// A new tab has no cookie of the preview origin until it logs in too: open it through a fresh link.
+$("preview-link").addEventListener("click", async (event) => {
+  event.preventDefault();
+  const tab = window.open("about:blank", "_blank");
+  try {
+    const session = await call("POST", "/api/sandbox/preview-session");
+    if (tab) tab.location.href = session.login_url;
+  } catch (error) {
+    tab?.close();
+    notify(describe(error));
+  }
+});
+
+async function showShares() {
+  const { shares } = await call("GET", "/api/sandbox/shares");
+  const list = $("share-list");
+  list.replaceChildren();
+  for (const share of shares) {
+    const item = document.createElement("li");
+    const until = new Date(share.expires_at).toLocaleString();
+    const revoke = document.createElement("button");
+    revoke.textContent = "Revoke";
+    revoke.className = "quiet";
+    revoke.addEventListener("click", async () => {
+      await call("DELETE", `/api/sandbox/shares/${encodeURIComponent(share.id)}`);
+      $("share-new").hidden = true;
+      await showShares();
+    });
+    item.append(`Share link ${share.id}, until ${until}`, revoke);
+    list.append(item);
+  }
+  $("shares").hidden = shares.length === 0;
+}
+
+$("share").addEventListener("click", async () => {
+  try {
+    const share = await call("POST", "/api/sandbox/shares", { expires_in_s: 86400 });
+    $("share-url").value = share.url;
+    $("share-new").hidden = false;
+    await showShares();
+    $("share-url").select();
+  } catch (error) {
+    notify(describe(error));
+  }
+});
 
 $("new-project").addEventListener("submit", async (event) => {
   event.preventDefault();
