@@ -1,4 +1,5 @@
-"""The preview proxy side by side: direct to the published port, through the gateway, and through
+"""The preview proxy side by side: direct to the published port, through the gateway (on the path
+route /preview/<user>/ and at the root of the sandbox's own origin, routed by Host), and through
 configurable-http-proxy (JupyterHub's proxy), against the same upstream server in a sandbox.
 
     .venv/bin/python -m bench.proxy [--seconds S] [--rounds N]
@@ -8,9 +9,10 @@ downloading 200 MB (MB/s). WebSocket: one connection, echo round trips one at a 
 messages/s with 64 in flight, from the same client for all three (ws_echo.js: Node.js and the `ws`
 package; a Python client was slower than the proxies it measured). Needs wrk, curl and Node.js on the
 host (scripts/bench.sh installs them); CHP and `ws` come from the npm registry into .state/bench/.
-Every measurement is taken in interleaved rounds (direct, gateway, CHP, then again) and the medians
-are printed: on a shared machine one run alone varies by a fifth. Gateway / CHP is also given round
-by round (median, lowest, highest), each round's two runs having met the same minute of the machine.
+Every measurement is taken in interleaved rounds (direct, both gateway routes, CHP, then again) and
+the medians are printed: on a shared machine one run alone varies by a fifth. Gateway / CHP is also
+given round by round (median, lowest, highest), each round's two runs having met the same minute of
+the machine.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ NODE_TOOLS = ROOT / ".state" / "bench" / "chp"
 WS_ECHO_JS = Path(__file__).with_name("ws_echo.js")
 CONNECTIONS = (1, 16, 64)
 USER = "bench"
+# The path route (/preview/<user>/ on the shared preview origin) and the sandbox's own origin.
+GATEWAY_ROUTES = ("gateway", "gateway-root")
 
 
 @dataclass
@@ -213,12 +217,23 @@ def medians(samples: Samples) -> dict[str, dict[str, Measured]]:
     }
 
 
-def round_ratios(samples: Samples, key: str, index: int) -> str:
-    """gateway / CHP within each round, where both met the same minute of the machine: the median,
-    and the lowest and highest round."""
-    rounds = zip(samples["gateway"][key], samples["configurable-http-proxy"][key], strict=True)
-    ratios = sorted(ours[index] / theirs[index] for ours, theirs in rounds)
+def round_ratios(samples: Samples, key: str, index: int, ours: str = "gateway") -> str:
+    """A gateway route / CHP within each round, where both met the same minute of the machine: the
+    median, and the lowest and highest round."""
+    rounds = zip(samples[ours][key], samples["configurable-http-proxy"][key], strict=True)
+    ratios = sorted(mine[index] / theirs[index] for mine, theirs in rounds)
     return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
+async def preview_host(gateway: Gateway) -> str:
+    """The host of the bench user's own preview origin, as the API gives it."""
+    url = f"{gateway.url}/api/sandbox"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers=gateway.headers(USER)) as response,
+    ):
+        preview_url: str = (await response.json())["preview_url"]
+    return preview_url.split("//", 1)[1].rstrip("/")
 
 
 async def main(seconds: int, rounds: int) -> None:
@@ -226,12 +241,19 @@ async def main(seconds: int, rounds: int) -> None:
         upstream_port = await start_upstream(gateway, docker)
         async with chp(upstream_port) as chp_port:
             gateway_port = gateway.url.rsplit(":", 1)[1]
+            root_host = await preview_host(gateway)
             routes = [
                 Route("direct", f"http://127.0.0.1:{upstream_port}/preview/{USER}/"),
                 Route(
                     "gateway",
                     f"http://127.0.0.1:{gateway_port}/preview/{USER}/",
                     {"Host": gateway.settings.preview_host, **gateway.headers(USER)},
+                ),
+                # The sandbox's own origin: the dev server at the root, routed by Host.
+                Route(
+                    "gateway-root",
+                    f"http://127.0.0.1:{gateway_port}/",
+                    {"Host": root_host, **gateway.headers(USER)},
                 ),
                 Route("configurable-http-proxy", f"http://127.0.0.1:{chp_port}/preview/{USER}/"),
             ]
@@ -254,11 +276,11 @@ def report(samples: Samples, seconds: int, rounds: int) -> None:
             rps, p50, p99 = measured[f"c={c}"]
             cells += f"{rps:>14.0f}{p50:>8.2f}{p99:>8.2f}{rps / direct[f'c={c}'][0]:>6.2f}"
         print(f"  {name:<26}{cells}")
-    gateway = results["gateway"]
-    added = gateway["c=1"][1] - direct["c=1"][1]
-    print(f"  gateway adds {added:.2f} ms to the p50 at c=1")
-    for c in CONNECTIONS:
-        print(f"  gateway / CHP req/s at c={c}, per round: {round_ratios(samples, f'c={c}', 0)}")
+    for ours in GATEWAY_ROUTES:
+        added = results[ours]["c=1"][1] - direct["c=1"][1]
+        print(f"  {ours} adds {added:.2f} ms to the p50 at c=1")
+        for c in CONNECTIONS:
+            print(f"  {ours} / CHP req/s at c={c}, per round: {round_ratios(samples, f'c={c}', 0, ours)}")
     print("\nDownload of 200 MB (curl)")
     for name, measured in results.items():
         rate = measured["download"][0]
@@ -268,9 +290,10 @@ def report(samples: Samples, seconds: int, rounds: int) -> None:
     for name, measured in results.items():
         p50, rate = measured["websocket"]
         print(f"  {name:<26}{p50:>10.3f}{rate:>10.0f}{rate / direct['websocket'][1]:>9.2f}")
-    added_ws = gateway["websocket"][0] - direct["websocket"][0]
-    print(f"  gateway adds {added_ws:.3f} ms to the round-trip p50")
-    print(f"  gateway / CHP msg/s, per round: {round_ratios(samples, 'websocket', 1)}")
+    for ours in GATEWAY_ROUTES:
+        added_ws = results[ours]["websocket"][0] - direct["websocket"][0]
+        print(f"  {ours} adds {added_ws:.3f} ms to the round-trip p50")
+        print(f"  {ours} / CHP msg/s, per round: {round_ratios(samples, 'websocket', 1, ours)}")
 
 
 if __name__ == "__main__":
