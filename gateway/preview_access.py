@@ -192,9 +192,11 @@ class PreviewGate:
         return Route(route.label, owner, route.prefix, route.origin)
 
     # -- the viewer --
-    def viewer_now(self, route: Route, request: PreviewRequest) -> Viewer:
+    def viewer_now(
+        self, route: Route, request: PreviewRequest, looked_up: dict[str, Share | None] | None = None
+    ) -> Viewer:
         """The owner (bearer token or session cookie) or a share link's viewer; Pending when a share
-        must be re-read first. Unauthorized or Forbidden for anyone else."""
+        must be re-read first (unless `looked_up` has it). Unauthorized or Forbidden for anyone else."""
         owner = route.user
         assert owner is not None
         if request.authorization is not None:
@@ -217,10 +219,13 @@ class PreviewGate:
                 claims = self._sessions.share(value)
                 if claims is None or claims.host != route.label:
                     continue
-                cached = self.shares.cached(claims.subject)
-                if cached is None:
-                    raise Pending
-                share = cached[0]
+                if looked_up is not None and claims.subject in looked_up:
+                    share = looked_up[claims.subject]
+                else:
+                    cached = self.shares.cached(claims.subject)
+                    if cached is None:
+                        raise Pending
+                    share = cached[0]
                 if share is not None and share.user == owner and is_live(share):
                     return self._same_origin(route, request, Viewer("share", share))
         if someone_else:
@@ -237,14 +242,16 @@ class PreviewGate:
         return viewer
 
     async def viewer(self, route: Route, request: PreviewRequest) -> Viewer:
-        while True:
-            try:
-                return self.viewer_now(route, request)
-            except Pending:
-                for value in cookie_values(request.cookie or "", SHARE_COOKIE):
-                    claims = self._sessions.share(value)
-                    if claims is not None and claims.host == route.label:
-                        await self.shares.get(claims.subject)
+        try:
+            return self.viewer_now(route, request)
+        except Pending:
+            pass
+        looked_up: dict[str, Share | None] = {}
+        for value in cookie_values(request.cookie or "", SHARE_COOKIE):
+            claims = self._sessions.share(value)
+            if claims is not None and claims.host == route.label and claims.subject not in looked_up:
+                looked_up[claims.subject] = await self.shares.get(claims.subject)
+        return self.viewer_now(route, request, looked_up)
 
     def check_websocket_origin(self, route: Route, request: PreviewRequest) -> None:
         """A browser's WebSocket to a preview comes from that preview's own origin or an allowed one."""

@@ -53,6 +53,7 @@ async def _reap_forever(app: web.Application) -> None:
             reaped = await reap_once(app[SANDBOXES], app[DB], settings.idle_timeout_s)
             async with db.connection(app[DB]) as conn:
                 await db.forget_rate_limits(conn)
+                await db.forget_ended_shares(conn)
         except GatewayError as err:
             # Docker or PostgreSQL away: the next pass tries again.
             log.warning("reaper pass failed: %s", err.message)

@@ -25,43 +25,23 @@ from .preview_headers import parse_answer_head
 CLIENT_HIGH_WATER = 256 * 1024
 
 
-class _UpstreamPipe(asyncio.Protocol):
-    """The dev server's side: what it sends goes to the client."""
+class _Pipe(asyncio.Protocol):
+    """One side of a splice: what arrives on this side's transport goes to `forward`; while this
+    side's transport is backed up, the `other` side stops reading what would be written to it."""
 
-    def __init__(self, splice: Splice) -> None:
+    def __init__(self, splice: Splice, forward: Callable[[bytes], None], other: asyncio.Transport) -> None:
         self._splice = splice
+        self._forward = forward
+        self._other = other
 
     def data_received(self, data: bytes) -> None:
-        self._splice.to_client(data)
+        self._forward(data)
 
     def pause_writing(self) -> None:
-        self._splice.client_transport.pause_reading()
+        self._other.pause_reading()
 
     def resume_writing(self) -> None:
-        self._splice.client_transport.resume_reading()
-
-    def eof_received(self) -> bool:
-        self._splice.close()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._splice.close()
-
-
-class _ClientPipe(asyncio.Protocol):
-    """The client's side, for a connection the front door hands over as a bare transport."""
-
-    def __init__(self, splice: Splice) -> None:
-        self._splice = splice
-
-    def data_received(self, data: bytes) -> None:
-        self._splice.to_upstream(data)
-
-    def pause_writing(self) -> None:
-        self._splice.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._splice.upstream.resume_reading()
+        self._other.resume_reading()
 
     def eof_received(self) -> bool:
         self._splice.close()
@@ -112,7 +92,7 @@ class Splice:
         self._drain: Callable[[], asyncio.Future[None]] | None = None
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._recording: set[asyncio.Task[None]] = set()
-        upstream.set_protocol(_UpstreamPipe(self))
+        upstream.set_protocol(_Pipe(self, self.to_client, client))
         metrics.open_websockets.labels("preview").inc()
         self._timer = self._loop.call_later(activity.interval_s, self._record_activity)
 
@@ -128,7 +108,7 @@ class Splice:
         """For the front door: the client's transport becomes the splice's. `ahead`: what the
         client sent after its upgrade request; `upstream_ahead`: what followed the dev server's 101."""
         splice = cls(client, upstream, **kwargs)  # type: ignore[arg-type]
-        client.set_protocol(_ClientPipe(splice))
+        client.set_protocol(_Pipe(splice, splice.to_upstream, upstream))
         splice._start(ahead, upstream_ahead)
         return splice
 

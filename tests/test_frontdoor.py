@@ -20,11 +20,15 @@ from gateway.keys import METRICS
 from gateway.preview_access import PATH_ROUTE_LABEL, ROOT_ROUTE_LABEL
 from gateway.settings import Settings
 
+from . import test_preview
 from .helpers import auth
 from .test_hostile import exchange
-from .test_preview import ROUTES, Preview, ready_preview
+from .test_preview import Preview, ready_preview
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
+
+# Alice's running preview, on each route in turn: test_preview's own fixture.
+preview = test_preview.preview
 
 GET = "GET /preview/alice/echo HTTP/1.1\r\nHost: preview.example\r\n"
 
@@ -65,17 +69,6 @@ def test_heads_the_front_door_takes() -> None:
     websocket = parse_head(f"{GET}Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n".encode())
     assert websocket is not None
     assert websocket.upgrade
-
-
-@pytest.fixture(params=ROUTES)
-async def preview(
-    client: TestClient,
-    settings: Settings,
-    docker: aiodocker.Docker,
-    preview_http: aiohttp.ClientSession,
-    request: pytest.FixtureRequest,
-) -> Preview:
-    return await ready_preview(client, settings, docker, preview_http, request.param)
 
 
 @pytest.fixture

@@ -310,9 +310,13 @@ async def test_path_tricks_never_reach_another_sandbox(preview: Preview, raw_pat
     assert response.status in (400, 403, 404, 409, 414, 431), (raw_path, response.status)
 
 
-async def test_dev_server_not_running_and_sandbox_stopped(client: TestClient, settings: Settings) -> None:
+@pytest.mark.parametrize("route", ROUTES)
+async def test_dev_server_not_running_and_sandbox_stopped(
+    client: TestClient, settings: Settings, route: str
+) -> None:
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
-    preview = Preview(client, settings, "alice")
+    root_url = await root_url_of(client, "alice") if route == "root" else None
+    preview = Preview(client, settings, "alice", root_url=root_url)
     response = await preview.request("GET", "")
     assert response.status == 502
     assert (await response.json())["error"]["code"] == "dev_server_not_running"
@@ -327,7 +331,8 @@ async def test_dev_server_not_running_and_sandbox_stopped(client: TestClient, se
 
     await poll(stopped)
     page = await preview.request("GET", "", headers={"Accept": "text/html"})
-    assert "not running" in await page.text()
+    # The path route says so; the sandbox's own origin offers its owner to start it (waking up).
+    assert ("Start it" if route == "root" else "not running") in await page.text()
 
 
 async def test_browsers_on_the_main_origin_are_sent_to_the_preview_origin(
@@ -340,13 +345,15 @@ async def test_browsers_on_the_main_origin_are_sent_to_the_preview_origin(
     assert slash.headers["Location"] == "/preview/alice/"
 
 
+@pytest.mark.parametrize("route", ROUTES)
 async def test_busy_preview_makes_no_write_storm(
-    make_client: MakeClient, settings: Settings, docker: aiodocker.Docker
+    make_client: MakeClient, settings: Settings, docker: aiodocker.Docker, route: str
 ) -> None:
     client = await make_client(activity_interval_s=5.0)
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
     await start_upstream(client, docker, "alice")
-    preview = Preview(client, settings, "alice")
+    root_url = await root_url_of(client, "alice") if route == "root" else None
+    preview = Preview(client, settings, "alice", root_url=root_url)
     # Idle before the first preview request, whose activity write the 200 below must then not repeat.
     await set_idle(client)
     before = client.app[ACTIVITY].writes
@@ -369,11 +376,12 @@ async def activity_moved(client: TestClient) -> bool:
         return bool(await conn.fetchval("SELECT last_activity > '2001-01-01' FROM sessions"))
 
 
+@pytest.mark.parametrize("route", ROUTES)
 async def test_preview_websocket_traffic_counts_as_activity_and_silence_does_not(
-    make_client: MakeClient, settings: Settings, docker: aiodocker.Docker
+    make_client: MakeClient, settings: Settings, docker: aiodocker.Docker, route: str
 ) -> None:
     client = await make_client(activity_interval_s=0.2)
-    preview = await ready_preview(client, settings, docker)
+    preview = await ready_preview(client, settings, docker, route=route)
     ws = await client.ws_connect(preview.url("ws"), headers={"Host": preview.host, **auth("alice")})
     await set_idle(client)
 

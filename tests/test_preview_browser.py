@@ -13,7 +13,7 @@ from typing import Any
 import aiodocker
 import pytest
 from aiohttp.test_utils import TestClient
-from playwright.async_api import Browser, Frame, Page, Response, expect
+from playwright.async_api import Browser, Frame, Locator, Page, Response, expect
 
 from gateway.settings import Settings
 from gateway.tokens import mint_token
@@ -90,6 +90,16 @@ async def origin_of(client: TestClient, user: str = "alice") -> str:
     return origin
 
 
+async def answering(client: TestClient, origin: str, timeout_s: float, user: str = "alice") -> None:
+    """Waits until the dev server behind the user's preview origin answers 200 at its root."""
+
+    async def answers() -> bool:
+        answer = await client.get("/", headers={"Host": origin.split("//", 1)[1], **auth(user)})
+        return answer.status == 200
+
+    await poll(answers, timeout_s=timeout_s)
+
+
 async def preview_frame(page: Page, origin: str) -> Frame:
     frame = None
 
@@ -101,6 +111,17 @@ async def preview_frame(page: Page, origin: str) -> Frame:
     await poll(loaded, timeout_s=30)
     assert frame is not None
     return frame
+
+
+async def shown_and_counting(page: Page, origin: str) -> tuple[Frame, Locator]:
+    """The page's preview pane shows the template's app, and its counter counts a click."""
+    await page.click("#preview-reload")
+    frame = await preview_frame(page, origin)
+    counter = frame.locator("button.counter")
+    await expect(counter).to_have_text(re.compile(r"Count is 0"), timeout=60_000)
+    await counter.click()
+    await expect(counter).to_have_text(re.compile(r"Count is 1"))
+    return frame, counter
 
 
 def failed_requests(page: Page) -> list[str]:
@@ -203,12 +224,7 @@ async def test_vite_react_typed_in_the_terminal_runs_at_the_root_with_hot_reload
     # The preview pane: the app at the root of its own origin, every asset loaded.
     failures = failed_requests(page)
     origin = await origin_of(client)
-    await page.click("#preview-reload")
-    frame = await preview_frame(page, origin)
-    counter = frame.locator("button.counter")
-    await expect(counter).to_have_text(re.compile(r"Count is 0"), timeout=60_000)
-    await counter.click()
-    await expect(counter).to_have_text(re.compile(r"Count is 1"))
+    frame, counter = await shown_and_counting(page, origin)
     assert frame.url == origin + "/"
 
     # Hot reload over Vite's HMR WebSocket, through the gateway: no reload, and React keeps its state.
@@ -244,6 +260,15 @@ async def start_template(client: TestClient, docker: aiodocker.Docker, template:
     await execution.start(detach=True)
 
 
+async def serve_site(client: TestClient, docker: aiodocker.Docker, user: str) -> None:
+    """A static dev server for /workspace/site on port 5173 of the user's sandbox."""
+    container = docker.containers.container(await running_container_id(client, user))
+    server = await container.exec(
+        ["python3", "-m", "http.server", "5173", "--directory", "/workspace/site"], user="sandbox"
+    )
+    await server.start(detach=True)
+
+
 COUNTER_FILES = {"vue": "src/components/HelloWorld.vue", "svelte": "src/lib/Counter.svelte"}
 
 
@@ -260,18 +285,8 @@ async def test_other_templates_load_every_asset_and_hot_reload(
     await start_template(client, docker, template)
     failures = failed_requests(page)
     origin = await origin_of(client)
-
-    async def listening() -> bool:
-        answer = await client.get("/", headers={"Host": origin.split("//", 1)[1], **auth("alice")})
-        return answer.status == 200
-
-    await poll(listening, timeout_s=60)
-    await page.click("#preview-reload")
-    frame = await preview_frame(page, origin)
-    counter = frame.locator("button.counter")
-    await expect(counter).to_have_text(re.compile(r"Count is 0"), timeout=60_000)
-    await counter.click()
-    await expect(counter).to_have_text(re.compile(r"Count is 1"))
+    await answering(client, origin, timeout_s=60)
+    frame, counter = await shown_and_counting(page, origin)
     await frame.evaluate("window.__survivesHotReload = 'yes'")
     if template in COUNTER_FILES:
         await run(client, f"sed -i 's/Count is/Clicked/' /workspace/{template}-app/{COUNTER_FILES[template]}")
@@ -300,11 +315,7 @@ async def test_a_share_link_opens_in_a_fresh_browser_until_revoked(
         client,
         "mkdir -p /workspace/site && echo '<h1 id=hello>shared hello</h1>' > /workspace/site/index.html",
     )
-    container = docker.containers.container(await running_container_id(client, "alice"))
-    server = await container.exec(
-        ["python3", "-m", "http.server", "5173", "--directory", "/workspace/site"], user="sandbox"
-    )
-    await server.start(detach=True)
+    await serve_site(client, docker, "alice")
     share = await (await client.post("/api/sandbox/shares", headers=auth("alice"), json={})).json()
     stranger = await browser.new_context()
     try:
@@ -350,18 +361,9 @@ async def test_a_hostile_preview_reaches_nothing_of_the_viewer_or_other_previews
         client, "mkdir -p /workspace/site && cat > /workspace/site/probe.html", user="bob", stdin=PROBE_HTML
     )
     for user in ("alice", "bob"):
-        container = docker.containers.container(await running_container_id(client, user))
-        server = await container.exec(
-            ["python3", "-m", "http.server", "5173", "--directory", "/workspace/site"], user="sandbox"
-        )
-        await server.start(detach=True)
+        await serve_site(client, docker, user)
     alice, bob = await origin_of(client, "alice"), await origin_of(client, "bob")
-
-    async def serving() -> bool:
-        answer = await client.get("/", headers={"Host": alice.split("//", 1)[1], **auth("alice")})
-        return answer.status == 200
-
-    await poll(serving, timeout_s=30)
+    await answering(client, alice, timeout_s=30)
     await page.click("#preview-reload")
     own = await preview_frame(page, alice)
     await expect(own.locator("#mine")).to_have_text("alice private", timeout=30_000)

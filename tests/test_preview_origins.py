@@ -304,3 +304,12 @@ async def test_a_stopped_sandbox_offers_its_owner_to_start_it(
     waiting = await client.get("/some/page?x=1", headers=owner)
     assert waiting.status == 502
     assert "retries" in await waiting.text()
+
+
+@pytest.mark.parametrize("raw", ["/..%2fx", "/%2e%2e/echo", "/a/../echo", "/a/..\\echo", "/a/.%2e/echo"])
+async def test_dot_segments_are_refused_before_the_dev_server(preview: Preview, raw: str) -> None:
+    token = auth("alice")["Authorization"]
+    head = f"GET {raw} HTTP/1.1\r\nHost: {preview.host}\r\nAuthorization: {token}\r\nConnection: close\r\n"
+    (response,) = await exchange(preview.client.server.port or 0, (head + "\r\n").encode())
+    assert response.status == 400, raw
+    assert "x-sandbox-user" not in response.headers
