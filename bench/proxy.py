@@ -200,10 +200,11 @@ Samples = dict[str, dict[str, list[Measured]]]
 def measure(routes: list[Route], rounds: int, seconds: int) -> Samples:
     """Every measurement of every route, `rounds` times, the routes taking turns within each round:
     on a shared 2-core machine one run varies by a fifth from minute to minute, and interleaved
-    rounds spread that over all three alike."""
+    rounds spread that over every route alike. Every other round runs them in reverse order: the
+    route that follows another on a hot machine measured up to a tenth slower than when it led."""
     samples: Samples = {r.name: defaultdict(list) for r in routes}
-    for _ in range(rounds):
-        for route in routes:
+    for number in range(rounds):
+        for route in routes if number % 2 == 0 else routes[::-1]:
             for c in CONNECTIONS:
                 samples[route.name][f"c={c}"].append(wrk(route, c, seconds))
             samples[route.name]["download"].append((download(route, 200),))
