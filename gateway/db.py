@@ -429,6 +429,22 @@ async def revoke_share(conn: Connection, user: str, share_id: str) -> bool:
     return status.endswith(" 1")
 
 
+async def use_ticket(conn: Connection, ticket_id: str, expires: float) -> bool:
+    """Records a login ticket as used; False if it was already."""
+    status: str = await conn.execute(
+        "INSERT INTO used_preview_tickets (id, expires_at) VALUES ($1, to_timestamp($2))"
+        " ON CONFLICT DO NOTHING",
+        ticket_id,
+        expires,
+    )
+    return status.endswith(" 1")
+
+
+async def forget_used_tickets(conn: Connection) -> int:
+    status: str = await conn.execute("DELETE FROM used_preview_tickets WHERE expires_at < now()")
+    return int(status.split()[-1])
+
+
 async def forget_ended_shares(conn: Connection) -> int:
     """Deletes shares that ended (revoked or expired) more than a day ago; how many."""
     status: str = await conn.execute(

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 from aiohttp import hdrs, web
 
-from . import ratelimit
+from . import db, ratelimit
 from .errors import Forbidden, InvalidRequest, PreviewNotFound, SandboxNotRunning, Unauthorized
 from .keys import DB, PREVIEW_GATE, PREVIEW_HOSTS, PREVIEW_SESSIONS, SANDBOXES, SETTINGS, USER
 from .preview_access import RESERVED_PREFIX, PreviewRequest, Route
@@ -68,7 +68,7 @@ async def preview_login(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     if request.host != settings.preview_host:
         raise InvalidRequest("preview logins happen on the preview origin")
-    user = _ticket_user(request, None)
+    user = await _ticket_user(request, None)
     raise _with_cookie(
         web.HTTPSeeOther(f"/preview/{user}/"),
         SESSION_COOKIE,
@@ -82,7 +82,7 @@ async def preview_login(request: web.Request) -> web.StreamResponse:
 async def root_login(request: web.Request) -> web.StreamResponse:
     """GET /_sandbox-gateway/login?ticket=...[&next=/path] on a sandbox's own origin."""
     route = await _root_route(request)
-    user = _ticket_user(request, route.label)
+    user = await _ticket_user(request, route.label)
     if user != route.user:
         raise Forbidden("this login link is for another preview")
     cookie = sign(
@@ -139,7 +139,7 @@ async def _root_route(request: web.Request) -> Route:
     return await gate.resolved(route)
 
 
-def _ticket_user(request: web.Request, label: str | None) -> str:
+async def _ticket_user(request: web.Request, label: str | None) -> str:
     claims = verified_claims(
         request.query.get("ticket", ""), TICKET_AUDIENCE, request.app[PREVIEW_SESSIONS].key
     )
@@ -147,6 +147,13 @@ def _ticket_user(request: web.Request, label: str | None) -> str:
         raise Unauthorized(
             "the preview login link is invalid or has expired; open the preview from the page again"
         )
+    if claims.id is None:
+        raise Unauthorized("the preview login link is invalid; open the preview from the page again")
+    async with db.connection(request.app[DB]) as conn:
+        first_use = await db.use_ticket(conn, claims.id, claims.expires)
+    if not first_use:
+        # A login link that leaked (history, a referrer, a shoulder) must not open the preview again.
+        raise Unauthorized("this preview login link was used already; open the preview from the page again")
     return claims.subject
 
 

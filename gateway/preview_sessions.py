@@ -3,6 +3,7 @@ key they keep in PostgreSQL, and verify (preview_auth.py says what they are for)
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -19,9 +20,16 @@ ALGORITHM = "HS256"
 
 
 def sign(user: str, audience: str, lifetime_s: int, key: bytes, host: str | None = None) -> str:
-    """`host`: the one preview origin (its label) the token is good for; None for the path route."""
+    """`host`: the one preview origin (its label) the token is good for; None for the path route.
+    Each token has an id of its own (`jti`): login tickets are used once by it."""
     now = int(time.time())
-    claims: dict[str, object] = {"sub": user, "aud": audience, "iat": now, "exp": now + lifetime_s}
+    claims: dict[str, object] = {
+        "sub": user,
+        "aud": audience,
+        "iat": now,
+        "exp": now + lifetime_s,
+        "jti": secrets.token_hex(12),
+    }
     if host is not None:
         claims["host"] = host
     return jwt.encode(claims, key, algorithm=ALGORITHM)
@@ -40,6 +48,7 @@ class Verified:
     subject: str  # a user, or for a share cookie the share's id
     host: str | None  # the label of the preview origin it is bound to; None: the path route
     expires: float
+    id: str | None = None  # jti
 
 
 def verified_claims(token: str, audience: str, key: bytes) -> Verified | None:
@@ -55,7 +64,8 @@ def verified_claims(token: str, audience: str, key: bytes) -> Verified | None:
         return None
     if host is not None and not isinstance(host, str):
         return None
-    return Verified(subject, host, float(claims["exp"]))
+    token_id = claims.get("jti")
+    return Verified(subject, host, float(claims["exp"]), token_id if isinstance(token_id, str) else None)
 
 
 class PreviewSessions:

@@ -54,6 +54,7 @@ async def _reap_forever(app: web.Application) -> None:
             async with db.connection(app[DB]) as conn:
                 await db.forget_rate_limits(conn)
                 await db.forget_ended_shares(conn)
+                await db.forget_used_tickets(conn)
         except GatewayError as err:
             # Docker or PostgreSQL away: the next pass tries again.
             log.warning("reaper pass failed: %s", err.message)

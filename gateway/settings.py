@@ -93,6 +93,8 @@ class Settings:
     # Per user, across every gateway on the database.
     start_rate: RateLimit = RateLimit(per_minute=20)
     exec_rate: RateLimit = RateLimit(per_minute=600)
+    # The longest a user's token may live (exp - iat); None: no cap.
+    max_token_lifetime_s: int | None = None
     # A token whose `admin_claim` holds `admin_value` (alone or in a list) may administer every sandbox.
     admin_claim: str = "role"
     admin_value: str = "admin"
@@ -180,6 +182,7 @@ class Settings:
             max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 5, minimum=1),
             start_rate=RateLimit(per_minute=_int(env, "RATE_LIMIT_STARTS_PER_MINUTE", 20, minimum=0)),
             exec_rate=RateLimit(per_minute=_int(env, "RATE_LIMIT_EXECS_PER_MINUTE", 600, minimum=0)),
+            max_token_lifetime_s=_int(env, "GATEWAY_MAX_TOKEN_LIFETIME_S", 0, minimum=0) or None,
             admin_claim=env.get("GATEWAY_ADMIN_CLAIM", "").strip() or "role",
             admin_value=env.get("GATEWAY_ADMIN_VALUE", "").strip() or "admin",
             metrics_token=env.get("GATEWAY_METRICS_TOKEN", "").strip() or None,

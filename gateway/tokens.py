@@ -46,7 +46,20 @@ def verify_token(token: str, settings: Settings) -> Identity:
     user = claims["sub"]
     if not isinstance(user, str) or not USER_PATTERN.fullmatch(user):
         raise Unauthorized("the token's subject is not a valid user name")
+    _check_lifetime(claims, settings.max_token_lifetime_s)
     return Identity(user=user, is_admin=_is_admin(claims, settings), expires=float(claims["exp"]))
+
+
+def _check_lifetime(claims: dict[str, Any], cap_s: int | None) -> None:
+    """With a cap, a token must say when it was issued (`iat`), and live no longer than the cap: a
+    token minted to expire in 2999 is refused however valid its signature."""
+    if cap_s is None:
+        return
+    issued, expires = claims.get("iat"), claims["exp"]
+    if not isinstance(issued, int | float) or isinstance(issued, bool):
+        raise Unauthorized("the token must carry iat (issued at)")
+    if not isinstance(expires, int | float) or expires - issued > cap_s:
+        raise Unauthorized(f"the token lives longer than the {cap_s} s this gateway accepts")
 
 
 def _is_admin(claims: dict[str, Any], settings: Settings) -> bool:

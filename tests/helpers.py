@@ -56,7 +56,18 @@ async def docker_shell_ok(docker: aiodocker.Docker, container_id: str, command: 
     async with execution.start(detach=False) as stream:
         while await stream.read_out() is not None:
             pass
-    return (await execution.inspect())["ExitCode"] == 0
+    # The stream can end before the engine has reaped the process: ExitCode is null until then, and
+    # a null read as "not 0" would let a negative check pass too early.
+    exit_code: int | None = None
+
+    async def reaped() -> bool:
+        nonlocal exit_code
+        state = await execution.inspect()
+        exit_code = state["ExitCode"]
+        return not state["Running"] and exit_code is not None
+
+    await poll(reaped, timeout_s=10)
+    return exit_code == 0
 
 
 def free_port() -> int:

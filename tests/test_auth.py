@@ -172,3 +172,17 @@ def test_preview_sessions_remember_only_cookies_that_passed() -> None:
     )
     assert sessions.session(sign("alice", SESSION_AUDIENCE, -60, key)) is None
     assert sessions.session("not.a.token") is None
+
+
+def test_an_operator_can_cap_a_tokens_lifetime() -> None:
+    capped = Settings(jwt_key=JWT_SECRET, database_url="unused", max_token_lifetime_s=3600)
+    now = int(time.time())
+    assert verify_token(token(valid_claims(iat=now, exp=now + 3600)), capped).user == "alice"
+    for claims, why in (
+        (valid_claims(iat=now, exp=now + 3601), "longer than the cap"),
+        (valid_claims(iat=now, exp=32503680000), "minted to expire in 3000"),
+        (valid_claims(), "no iat to measure it by"),
+    ):
+        with pytest.raises(Unauthorized):
+            verify_token(token(claims), capped)
+        assert verify_token(token(claims), SETTINGS).user == "alice", f"uncapped: {why} is fine"

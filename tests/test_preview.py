@@ -275,6 +275,10 @@ async def test_browser_cookie_flow(preview: Preview, settings: Settings) -> None
     assert cookie["httponly"]
     assert cookie["samesite"] == "Lax"
     assert not cookie["domain"], "host-only: never sent to a sibling preview origin"
+    # The link works once: leaked from a history or a referrer, it opens nothing.
+    again = await preview.client.get(login_url.path_qs, headers={"Host": preview.host}, allow_redirects=False)
+    assert again.status == 401
+    assert "used already" in (await again.json())["error"]["message"]
     headers = {"Host": preview.host, "Cookie": f"sandbox_preview={cookie.value}; theme=dark"}
     echoed = await preview.client.get(preview.url("echo"), headers=headers)
     assert echoed.status == 200
