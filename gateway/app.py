@@ -122,7 +122,7 @@ async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = UpstreamPool()
+    pool = UpstreamPool(app[SETTINGS].preview_response_timeout_s)
     try:
         app[UPSTREAM] = pool
         yield

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from .http1 import Head
 from .logs import HEADER as REQUEST_ID_HEADER
+from .preview import timeout_answer
 from .preview_headers import BODILESS_STATUSES, DROPPED_RESPONSE_HEADERS, header_lines, response_headers
 from .upstream import Response, UpstreamError
 
@@ -89,6 +90,20 @@ async def stream_answer(
     finally:
         upstream.close()
     return upstream.status
+
+
+def timed_out(request: Head, request_id: str) -> bytes:
+    """The dev server took too long to start its answer: the same 504 aiohttp's transport gives."""
+    accept = next((value for name, value in request.headers if name.lower() == "accept"), "")
+    content_type, body = timeout_answer("text/html" in accept)
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        (REQUEST_ID_HEADER, request_id),
+    ]
+    if not request.keep_alive:
+        headers.append(("Connection", "close"))
+    return response_head(504, headers) + (b"" if request.method == "HEAD" else body)
 
 
 def upgrade_refused(status: int, request_id: str) -> bytes:

@@ -26,7 +26,7 @@ from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
 
 from .access_log import log_access
-from .door_answers import answer_now, response_head, stream_answer, upgrade_refused
+from .door_answers import answer_now, response_head, stream_answer, timed_out, upgrade_refused
 from .errors import GatewayError
 from .http1 import HEAD_LIMIT, Head, HeadParser, may_be_fast, parse_head
 from .keys import METRICS, PREVIEW_GATE, SETTINGS, UPSTREAM
@@ -37,7 +37,7 @@ from .preview_access import PATH_ROUTE_LABEL, ROOT_ROUTE_LABEL, Admitted, Previe
 from .preview_headers import request_head, upgrade_head, upgrade_response_headers, upstream_headers
 from .settings import Settings
 from .splice import Splice, UpgradeRefused, upgrade_upstream
-from .upstream import Response, UpstreamError, UpstreamPool
+from .upstream import Response, UpstreamConnection, UpstreamError, UpstreamPool, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ class FrontDoor(asyncio.Protocol):
         self._reading_paused = False
         self._closing = False
         self._last_used = 0.0
+        self._in_flight: UpstreamConnection | None = None  # a request sent without a task of its own
         self._idle_check: asyncio.TimerHandle | None = None
         self.remote = ""
 
@@ -171,9 +172,12 @@ class FrontDoor(asyncio.Protocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
-        # A client may half-close after its last request; the answer still goes out.
+        # The client closed its side: the connection ends now, as aiohttp's do, and with it whatever
+        # it waits for upstream. (Keeping a half-closed connection open for its answer would let every
+        # abandoned request hold a dev server's connection until that answer, for good if it never
+        # comes; browsers do not half-close.)
         self._closing = True
-        return self._busy
+        return False
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -188,6 +192,9 @@ class FrontDoor(asyncio.Protocol):
             self._idle_check.cancel()
         if self.task is not None:
             self.task.cancel()
+        if self._in_flight is not None:
+            # A client that gave up releases its upstream connection at once, answered or not.
+            self._in_flight.close()
 
     # -- the requests --
     def _next_request(self) -> None:
@@ -240,6 +247,7 @@ class FrontDoor(asyncio.Protocol):
         request_id = request_id_for(request.header("x-request-id"))
         headers = upstream_headers(request.headers, self.remote, seen.host, "http")
         answered = functools.partial(self._answered, request, admitted, request_id, time.perf_counter())
+        self._in_flight = connection
         connection.send_then(request_head(request.method, request.target, headers), request.method, answered)
         return True
 
@@ -251,7 +259,17 @@ class FrontDoor(asyncio.Protocol):
         started: float,
         head: asyncio.Future[Response],
     ) -> None:
+        self._in_flight = None
         error = head.exception()
+        if (
+            isinstance(error, UpstreamTimeout)
+            and self._transport is not None
+            and not self._transport.is_closing()
+        ):
+            # Handed over, it would be asked again and waited for as long once more.
+            self.write(timed_out(request, request_id))
+            self._done(request, preview.prefix, 504, started, request_id)
+            return
         if error is not None:
             # Nothing is written yet: aiohttp tries once more and answers, with the 502 page if need be.
             self._busy = False
@@ -433,6 +451,9 @@ async def serve_http(door: FrontDoor, request: Head, route: Route, seen: Preview
         upstream = await door.deps.upstream.request(
             admitted.port, head, None, chunked=False, method=request.method
         )
+    except UpstreamTimeout:
+        door.write(timed_out(request, current_request_id.get()))
+        return 504
     except UpstreamError:
         # Nothing is listening, most likely: aiohttp tries once more and answers with the 502 page.
         raise HandOver from None

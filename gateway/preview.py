@@ -10,8 +10,12 @@ on the shared preview origin) is served as before.
 
 from __future__ import annotations
 
+import asyncio
 import html
+import json
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
@@ -39,7 +43,7 @@ from .preview_headers import (
 )
 from .schemas import check_identity_coding
 from .splice import Splice, UpgradeRefused, upgrade_upstream
-from .upstream import UpstreamError
+from .upstream import Response, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +90,14 @@ async def _proxy_http(request: web.Request, target: Admitted) -> web.StreamRespo
     head = request_head(request.method, request.rel_url.raw_path_qs, headers)
     body = request.content.iter_any() if request.body_exists else None
     try:
-        upstream = await request.app[UPSTREAM].request(
-            target.port, head, body, chunked=chunked, method=request.method
+        upstream = await _unless_client_left(
+            request,
+            request.app[UPSTREAM].request(target.port, head, body, chunked=chunked, method=request.method),
         )
+    except UpstreamTimeout as err:
+        log.info("preview upstream %s timed out: %s", target.port, err)
+        content_type, page = timeout_answer(_wants_html(request))
+        return web.Response(status=504, body=page, headers={hdrs.CONTENT_TYPE: content_type})
     except UpstreamError as err:
         log.info("preview upstream %s failed: %s", target.port, err)
         return _not_listening(request, target.prefix)
@@ -156,6 +165,29 @@ async def _proxy_websocket(request: web.Request, target: Admitted) -> web.Stream
     return response
 
 
+# How often a handler waiting for the dev server's answer looks whether its client is still there.
+CLIENT_CHECK_S = 0.25
+
+
+async def _unless_client_left(request: web.Request, waiting: Coroutine[Any, Any, Response]) -> Response:
+    """Awaits the dev server's answer while the client is there. aiohttp does not cancel a handler
+    whose client went away (handler_cancellation is off, and must stay off for starts and stops), so
+    without this a dev server that never answers would hold the upstream connection until the
+    response timeout, for every abandoned request."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=CLIENT_CHECK_S)
+            transport = request.transport
+            if not task.done() and (transport is None or transport.is_closing()):
+                task.cancel()  # UpstreamConnection.exchange closes the connection
+                raise ConnectionResetError("the client went away before the dev server answered")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 def _wants_html(request: web.Request) -> bool:
     return "text/html" in request.headers.get(hdrs.ACCEPT, "")
 
@@ -177,6 +209,26 @@ def _not_listening(request: web.Request, prefix: str) -> web.Response:
             502, "Dev server not running", message + ". This page retries every 2 seconds.", refresh_s=2
         )
     return web.json_response({"error": {"code": "dev_server_not_running", "message": message}}, status=502)
+
+
+TIMEOUT_MESSAGE = (
+    "The dev server in your sandbox accepted the request but did not start answering in time: it may be"
+    " busy, hung, or its sandbox paused."
+)
+
+
+def timeout_answer(wants_html: bool) -> tuple[str, bytes]:
+    """The 504 both transports give when the dev server does not answer in time: type and body."""
+    if wants_html:
+        title = "Dev server not answering"
+        page = (
+            f"<!doctype html><meta charset=utf-8><title>{title}</title>"
+            f"<body style='font:16px system-ui;margin:3rem;color:#222'><h1>{title}</h1>"
+            f"<p>{html.escape(TIMEOUT_MESSAGE)}</p></body>"
+        )
+        return "text/html; charset=utf-8", page.encode()
+    error = {"error": {"code": "dev_server_timeout", "message": TIMEOUT_MESSAGE}}
+    return "application/json; charset=utf-8", json.dumps(error).encode()
 
 
 def _stopped(request: web.Request, stopped: StoppedPreview) -> web.Response:

@@ -87,6 +87,8 @@ class Settings:
     # Share links of a preview: the longest lifetime one may ask for, and how many may be live per user.
     share_max_lifetime_s: int = 7 * 24 * 3600
     max_shares_per_user: int = 20
+    # How long a dev server may take to start answering a preview request before the gateway says 504.
+    preview_response_timeout_s: float = 30.0
     # Origins besides the gateway's own from which browsers may open WebSockets (terminal, preview HMR).
     allowed_origins: frozenset[str] = frozenset()
     max_terminals_per_user: int = 5
@@ -174,6 +176,7 @@ class Settings:
             preview_wake=_choice(env, "GATEWAY_PREVIEW_WAKE", "ask", ("ask", "auto", "off")),
             share_max_lifetime_s=_int(env, "PREVIEW_SHARE_MAX_LIFETIME_S", 7 * 24 * 3600, minimum=60),
             max_shares_per_user=_int(env, "PREVIEW_MAX_SHARES_PER_USER", 20, minimum=0),
+            preview_response_timeout_s=_int(env, "PREVIEW_RESPONSE_TIMEOUT_S", 30, minimum=1),
             allowed_origins=frozenset(
                 origin.strip().rstrip("/")
                 for origin in env.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")

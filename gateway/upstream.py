@@ -24,8 +24,18 @@ LOW_WATER = 64 * 1024
 MAX_IDLE_PER_PORT = 128
 
 
+CONNECT_TIMEOUT_S = 10.0
+# How long a dev server may take to start answering a request (the head), once the request is sent.
+RESPONSE_TIMEOUT_S = 30.0
+
+
 class UpstreamError(Exception):
     """The upstream refused, dropped or garbled the exchange before a response head arrived."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not connect, or did not start its answer, in time: it is busy, hung or
+    frozen (a paused container accepts connections and never answers)."""
 
 
 class Response:
@@ -77,6 +87,7 @@ class _Connection(asyncio.Protocol):
         self._writable.set()
         self.idle_since = time.monotonic()
         self.closed = False
+        self._head_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,6 +134,7 @@ class _Connection(asyncio.Protocol):
             return
         # Asked now: once the message is complete, llhttp has reset and answers False.
         self._keep_alive = self._parser.should_keep_alive()
+        self._disarm()
         if self._head is not None and not self._head.done():
             self._response = Response(status, "", self._headers, self)
             self._head.set_result(self._response)
@@ -146,7 +158,21 @@ class _Connection(asyncio.Protocol):
         self._readable.set()
 
     # -- use --
+    def _arm(self) -> None:
+        """The request is all sent: from now its answer has RESPONSE_TIMEOUT_S to begin."""
+        self._head_timer = self._loop.call_later(self._pool.response_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _timed_out(self) -> None:
+        self._head_timer = None
+        self._fail(UpstreamTimeout(f"no answer within {self._pool.response_timeout_s:g} s"))
+
     def _fail(self, err: BaseException) -> None:
+        self._disarm()
         self._failed = err
         if self._head is not None and not self._head.done():
             self._head.set_exception(err)
@@ -163,15 +189,26 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._disarm()
         if self._transport is not None:
             self._transport.close()
 
-    def send(self, head: bytes, method: str) -> asyncio.Future[Response]:
-        """Sends a bodiless request; the future resolves with the response head."""
+    def send(self, head: bytes, method: str, *, whole: bool = True) -> asyncio.Future[Response]:
+        """Sends a request head; the future resolves with the response head. `whole`: the request
+        has no body, so the time its answer may take starts now."""
         assert self._transport is not None
         self._head = self._loop.create_future()
         self._skip_body = method == "HEAD"
+        if self.closed:
+            # Lost between connecting and sending (docker-proxy accepts, then closes when nothing
+            # listens in the sandbox): the answer will never come, so it fails now, not at the timeout.
+            self._head.set_exception(self._failed or UpstreamError("the upstream closed the connection"))
+            if self._on_head is not None:
+                self._loop.call_soon(self._call_on_head)
+            return self._head
         self._transport.write(head)
+        if whole:
+            self._arm()
         return self._head
 
     def send_then(
@@ -187,7 +224,7 @@ class _Connection(asyncio.Protocol):
         self, head: bytes, body: AsyncIterable[bytes] | None, chunked: bool, method: str
     ) -> Response:
         assert self._transport is not None
-        self.send(head, method)
+        self.send(head, method, whole=body is None)
         assert self._head is not None
         if body is not None:
             try:
@@ -205,7 +242,15 @@ class _Connection(asyncio.Protocol):
                 raise
             if chunked and not self.closed:
                 self._transport.write(b"0\r\n\r\n")
-        return await self._head
+            if not self.closed:
+                self._arm()
+        try:
+            return await self._head
+        except asyncio.CancelledError:
+            # The client went away while the answer was awaited: nobody will read it, and a dev
+            # server that never answers would otherwise hold this connection for good.
+            self.close()
+            raise
 
     async def body(self) -> AsyncIterator[bytes]:
         while True:
@@ -249,11 +294,16 @@ class _Connection(asyncio.Protocol):
         self._pool.release(self)
 
 
+# What a caller holds while a request is in flight (to close it if its own client goes).
+UpstreamConnection = _Connection
+
+
 class UpstreamPool:
     """Idle keep-alive connections per port of 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, response_timeout_s: float = RESPONSE_TIMEOUT_S) -> None:
         self._idle: dict[int, list[_Connection]] = collections.defaultdict(list)
+        self.response_timeout_s = response_timeout_s
 
     async def _connection(self, port: int) -> _Connection:
         connection = self.idle_connection(port)
@@ -261,7 +311,13 @@ class UpstreamPool:
             return connection
         loop = asyncio.get_running_loop()
         try:
-            _, protocol = await loop.create_connection(lambda: _Connection(self, port), "127.0.0.1", port)
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self, port), "127.0.0.1", port), CONNECT_TIMEOUT_S
+            )
+        except TimeoutError as err:
+            raise UpstreamTimeout(
+                f"cannot connect to 127.0.0.1:{port} within {CONNECT_TIMEOUT_S:g} s"
+            ) from err
         except OSError as err:
             raise UpstreamError(f"cannot connect to 127.0.0.1:{port}: {err}") from err
         return protocol

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -402,3 +403,86 @@ async def test_preview_websocket_traffic_counts_as_activity_and_silence_does_not
     await asyncio.sleep(1.0)
     assert not await activity_moved(client)
     await ws.close()
+
+
+HANGING_SERVER = "require('net').createServer(() => {}).listen(5173, '0.0.0.0')"
+
+
+async def hanging_preview(client: TestClient, settings: Settings, docker: aiodocker.Docker) -> Preview:
+    """Alice's preview, in front of a dev server that accepts every connection and never answers."""
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    container = docker.containers.container(await running_container_id(client, "alice"))
+    execution = await container.exec(["node", "-e", HANGING_SERVER], user="sandbox")
+    await execution.start(detach=True)
+    preview = Preview(client, settings, "alice", root_url=await root_url_of(client, "alice"))
+
+    async def accepting() -> bool:
+        # 502 while nothing listens yet; then the request is taken and hangs (or, with a short
+        # response timeout, the gateway says 504).
+        try:
+            answer = await preview.request("GET", "", timeout=aiohttp.ClientTimeout(total=3))
+        except TimeoutError:
+            return True
+        return answer.status == 504
+
+    await poll(accepting, timeout_s=30)
+    return preview
+
+
+async def test_a_dev_server_that_never_answers_gets_a_504_from_both_transports(
+    make_client: MakeClient, settings: Settings, docker: aiodocker.Docker
+) -> None:
+    client = await make_client(preview_response_timeout_s=1)
+    preview = await hanging_preview(client, settings, docker)
+    for method, extra in (("GET", {}), ("POST", {"data": b"a body: aiohttp's transport"})):
+        started = time.monotonic()
+        answer = await preview.request(method, "slow", **extra)
+        assert answer.status == 504, method
+        assert (await answer.json())["error"]["code"] == "dev_server_timeout"
+        assert time.monotonic() - started < 5
+    page = await preview.request("GET", "", headers={"Accept": "text/html"})
+    assert page.status == 504
+    assert "did not start answering" in await page.text()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_abandoned_requests_release_their_upstream_connections_at_once(
+    make_client: MakeClient, settings: Settings, docker: aiodocker.Docker
+) -> None:
+    """Clients that give up on a dev server that never answers: the gateway (in this process) lets go
+    of every upstream connection long before its 30 s response timeout would."""
+    client = await make_client(preview_response_timeout_s=30)
+    preview = await hanging_preview(client, settings, docker)
+    before = None
+    async with aiohttp.ClientSession() as impatient:
+        # The first round also grows the gateway's own pools (PostgreSQL's, while the port is looked
+        # up): the baseline is taken after it, and each later round must give back what it took.
+        for method, body in (("GET", None), ("GET", None), ("POST", b"x")):
+            pending = [
+                asyncio.ensure_future(
+                    impatient.request(
+                        method,
+                        client.make_url(str(preview.url("hang"))),
+                        headers={"Host": preview.host, **auth("alice")},
+                        data=body,
+                    )
+                )
+                for _ in range(40)
+            ]
+            await asyncio.sleep(0.5)  # an observation window: the requests reach the dev server
+            for request in pending:
+                request.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if before is None:
+                await asyncio.sleep(1)  # an observation window: the first round settles
+                before = open_descriptors()
+                continue
+
+            async def released(baseline: int = before) -> bool:
+                return open_descriptors() <= baseline + 3
+
+            # 40 abandoned requests held 80 descriptors (client and upstream sides) until the timeout.
+            await poll(released, timeout_s=5)
