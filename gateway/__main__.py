@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -18,6 +19,8 @@ from .logs import configure_logging
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("gateway")
+# What the soft limit is raised to where the hard limit is unlimited (Linux's own nr_open default).
+NOFILE_WITHOUT_HARD_LIMIT = 1 << 20
 
 
 async def serve(settings: Settings) -> None:
@@ -37,12 +40,25 @@ async def serve(settings: Settings) -> None:
         await runner.cleanup()
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raises the soft limit on open files to the hard one; (before, after). Services start with a
+    soft limit of 1,024, which a thousand idle client connections fill, and then the gateway can no
+    longer reach Docker or PostgreSQL either."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else NOFILE_WITHOUT_HARD_LIMIT
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def main() -> None:
     try:
         settings = Settings.from_env()
     except SettingsError as err:
         sys.exit(f"configuration error: {err}")
     configure_logging(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"), settings.log_format)
+    before, after = raise_open_file_limit()
+    log.info("open files: soft limit %d (was %d)", after, before)
     # uvloop: the preview proxy's work per request is a few dozen Python calls, and asyncio's own
     # loop spends as much again around them (bench/proxy.py).
     uvloop.run(serve(settings))

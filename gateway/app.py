@@ -59,7 +59,10 @@ CLIENT_MAX_SIZE_FLOOR = 1024 * 1024
 # client sent them. The gateway takes no compressed body (schemas.check_identity_coding), and aiohttp's
 # decoding, on by default, answers a broken coding itself, outside the app, or leaves the connection
 # hanging when the coding breaks at the body's end.
-SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
+# Idle keep-alive connections end after KEEPALIVE_S, as at the front door (aiohttp's own default is
+# 3,630 s: an hour of a descriptor for every connection a client leaves open).
+KEEPALIVE_S = 75.0
+SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False, "keepalive_timeout": KEEPALIVE_S}
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -26,6 +26,7 @@ from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
 
 from .access_log import log_access
+from .app import KEEPALIVE_S
 from .door_answers import answer_now, response_head, stream_answer, timed_out, upgrade_refused
 from .errors import GatewayError
 from .http1 import HEAD_LIMIT, Head, HeadParser, may_be_fast, parse_head
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 # Bytes a client may send ahead (pipelining) before reading from it pauses.
 READ_AHEAD = 256 * 1024
-KEEPALIVE_S = 75.0  # as aiohttp's keepalive_timeout
 SHUTDOWN_S = 10.0
 
 
