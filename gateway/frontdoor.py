@@ -487,17 +487,16 @@ async def serve_websocket(door: FrontDoor, request: Head, route: Route, seen: Pr
         server.splices.discard(splice)
         _account(deps.metrics, remote, request, route.prefix, 101, time.perf_counter() - started, request_id)
 
-    splice = Splice.of_transport(
+    splice = Splice(
         client,
         answer.transport,
-        ahead,
-        answer.ahead,
         user=admitted.user,
         counts_activity=admitted.viewer.counts_as_activity,
         activity=deps.gate.activity,
         metrics=deps.metrics,
         on_close=ended,
     )
+    splice.start_on_transport(ahead, answer.ahead)
     server.splices.add(splice)
     server.answered += 1
     return 101

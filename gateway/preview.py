@@ -146,15 +146,16 @@ async def _proxy_websocket(request: web.Request, target: Admitted) -> web.Stream
         response.force_close()
         await response.prepare(request)
         app = request.app
-        splice = Splice.of_request(
-            request,
+        assert request.transport is not None  # prepared just now
+        splice = Splice(
+            request.transport,
             answer.transport,
-            answer.ahead,
             user=target.user,
             counts_activity=target.viewer.counts_as_activity,
             activity=app[PREVIEW_GATE].activity,
             metrics=app[METRICS],
         )
+        splice.start_on_request(request, answer.ahead)
     except BaseException:
         answer.transport.close()
         raise
@@ -273,7 +274,7 @@ async def preview_host_middleware(request: web.Request, handler: Handler) -> web
     gate = request.app[PREVIEW_GATE]
     settings = gate.settings
     host = request.host
-    if host.lower().endswith(settings.preview_root_suffix):
+    if settings.on_preview_domain(host):
         request[ROUTE_LABEL] = ROOT_ROUTE_LABEL
         seen = PreviewRequest.of(request)
         try:
@@ -304,7 +305,7 @@ async def preview_origin_connections_middleware(request: web.Request, handler: H
     errors are responses here; streamed responses, already sent, keep their connection."""
     settings = request.app[SETTINGS]
     host = request.host
-    if host != settings.preview_host and not host.lower().endswith(settings.preview_root_suffix):
+    if host != settings.preview_host and not settings.on_preview_domain(host):
         return await handler(request)
     try:
         response = await handler(request)

@@ -157,11 +157,10 @@ class PreviewGate:
         """Which preview a request is for; None when it is not for a preview at all (the page, the
         API, a login). Raises for a request that names a preview badly."""
         settings = self.settings
-        suffix = settings.preview_root_suffix
-        if host.lower().endswith(suffix):
+        if settings.on_preview_domain(host):
             if path.startswith(RESERVED_PREFIX):
                 return None
-            label = label_of_host(host, suffix)
+            label = label_of_host(host, settings.preview_root_suffix)
             if label is None:
                 raise PreviewNotFound("no preview is served at this host")
             if not sound_path(path, "/"):
@@ -236,10 +235,14 @@ class PreviewGate:
         """A cookie opens a preview only for requests of that preview's own page: another origin's
         fetch or WebSocket would carry the cookie too (previews of one site are same-site), and read
         the answer wherever the dev server allows cross-origin reads."""
-        origin = request.origin
-        if origin is not None and origin != route.origin and origin not in self.settings.allowed_origins:
-            raise Forbidden(f"requests from origin {origin} may not use this preview's cookie")
+        if self._foreign(route, request.origin):
+            raise Forbidden(f"requests from origin {request.origin} may not use this preview's cookie")
         return viewer
+
+    def _foreign(self, route: Route, origin: str | None) -> bool:
+        """Whether a browser's request comes from another origin than the preview's own (or an
+        allowed one); no Origin at all is a navigation, or not a browser."""
+        return origin is not None and origin != route.origin and origin not in self.settings.allowed_origins
 
     async def viewer(self, route: Route, request: PreviewRequest) -> Viewer:
         try:
@@ -255,13 +258,8 @@ class PreviewGate:
 
     def check_websocket_origin(self, route: Route, request: PreviewRequest) -> None:
         """A browser's WebSocket to a preview comes from that preview's own origin or an allowed one."""
-        origin = request.origin
-        if (
-            request.upgrade
-            and origin is not None
-            and origin not in (route.origin, *self.settings.allowed_origins)
-        ):
-            raise Forbidden(f"WebSocket connections from origin {origin} are not allowed")
+        if request.upgrade and self._foreign(route, request.origin):
+            raise Forbidden(f"WebSocket connections from origin {request.origin} are not allowed")
 
     # -- admission --
     def admit_now(self, route: Route, request: PreviewRequest) -> Admitted | None:

@@ -22,7 +22,6 @@ from .errors import Forbidden, InvalidRequest, PreviewNotFound, SandboxNotRunnin
 from .keys import DB, PREVIEW_GATE, PREVIEW_HOSTS, PREVIEW_SESSIONS, SANDBOXES, SETTINGS, USER
 from .preview_access import RESERVED_PREFIX, PreviewRequest, Route
 from .preview_headers import SESSION_COOKIE, SHARE_COOKIE
-from .preview_hosts import label_of_host
 from .preview_sessions import (
     SESSION_AUDIENCE,
     SESSION_LIFETIME_S,
@@ -51,16 +50,11 @@ async def preview_session(request: web.Request) -> web.Response:
     origin = settings.preview_root_origin(label)
     body = {
         "login_url": f"{origin}{ROOT_LOGIN_PATH}?{urlencode({'ticket': root_ticket})}",
-        "preview_url": f"{origin}/",
         "path_login_url": f"{settings.preview_origin}{LOGIN_PATH}?{urlencode({'ticket': path_ticket})}",
-        "path_preview_url": path_preview_url(settings, user),
+        **await request.app[PREVIEW_GATE].urls(user),
         "expires_in": TICKET_LIFETIME_S,
     }
     return web.json_response(body)
-
-
-def path_preview_url(settings: Settings, user: str) -> str:
-    return f"{settings.preview_origin}/preview/{user}/"
 
 
 async def preview_login(request: web.Request) -> web.StreamResponse:
@@ -132,10 +126,10 @@ async def wake(request: web.Request) -> web.StreamResponse:
 async def _root_route(request: web.Request) -> Route:
     """The sandbox's own origin a request of the gateway's own pages is on, with its owner."""
     gate = request.app[PREVIEW_GATE]
-    label = label_of_host(request.host, gate.settings.preview_root_suffix)
-    if label is None:
+    # The gate's own routing, asked about this origin's root: the same host rules as every preview.
+    route = gate.route(request.host, "/", has_bearer=False)
+    if route is None or route.label is None:
         raise PreviewNotFound("no preview is served at this host")
-    route = Route(label, None, "/", gate.settings.preview_root_origin(label))
     return await gate.resolved(route)
 
 

@@ -139,6 +139,10 @@ class Settings:
         """What every sandbox's own preview host ends with: "." and the preview domain, lower case."""
         return "." + (self.preview_domain or self.preview_host).lower()
 
+    def on_preview_domain(self, host: str) -> bool:
+        """Whether a Host names some sandbox's own preview origin (well-formed or not)."""
+        return host.lower().endswith(self.preview_root_suffix)
+
     def preview_root_origin(self, label: str) -> str:
         return f"{self.preview_scheme}://{label}{self.preview_root_suffix}"
 

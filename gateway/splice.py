@@ -19,6 +19,7 @@ from aiohttp import web
 from .activity import ActivityRecorder
 from .metrics import Metrics
 from .preview_headers import parse_answer_head
+from .upstream import CONNECT_TIMEOUT_S
 
 # Above this much unsent toward the client, reading from the dev server waits (aiohttp's transports
 # say nothing to a protocol that is not theirs, so the aiohttp side measures it itself).
@@ -96,35 +97,20 @@ class Splice:
         metrics.open_websockets.labels("preview").inc()
         self._timer = self._loop.call_later(activity.interval_s, self._record_activity)
 
-    @classmethod
-    def of_transport(
-        cls,
-        client: asyncio.Transport,
-        upstream: asyncio.Transport,
-        ahead: bytes,
-        upstream_ahead: bytes,
-        **kwargs: object,
-    ) -> Splice:
+    def start_on_transport(self, ahead: bytes, upstream_ahead: bytes) -> None:
         """For the front door: the client's transport becomes the splice's. `ahead`: what the
         client sent after its upgrade request; `upstream_ahead`: what followed the dev server's 101."""
-        splice = cls(client, upstream, **kwargs)  # type: ignore[arg-type]
-        client.set_protocol(_Pipe(splice, splice.to_upstream, upstream))
-        splice._start(ahead, upstream_ahead)
-        return splice
+        self.client_transport.set_protocol(_Pipe(self, self.to_upstream, self.upstream))
+        self._start(ahead, upstream_ahead)
 
-    @classmethod
-    def of_request(
-        cls, request: web.Request, upstream: asyncio.Transport, upstream_ahead: bytes, **kwargs: object
-    ) -> Splice:
-        """For aiohttp, once it has sent the 101: the request's connection feeds the splice."""
-        assert request.transport is not None
-        splice = cls(request.transport, upstream, **kwargs)  # type: ignore[arg-type]
+    def start_on_request(self, request: web.Request, upstream_ahead: bytes) -> None:
+        """For aiohttp, once it has sent the 101 (the splice made with `request.transport`): the
+        request's connection feeds the splice."""
         # Public since aiohttp 3.x for exactly this: WebSocketResponse hands the connection over the same way.
-        request.protocol.set_parser(_ClientFeed(splice))  # type: ignore[arg-type]
+        request.protocol.set_parser(_ClientFeed(self))  # type: ignore[arg-type]
         writer = request.writer
-        splice._drain = lambda: asyncio.ensure_future(writer.drain())
-        splice._start(b"", upstream_ahead)
-        return splice
+        self._drain = lambda: asyncio.ensure_future(writer.drain())
+        self._start(b"", upstream_ahead)
 
     def _start(self, ahead: bytes, upstream_ahead: bytes) -> None:
         if upstream_ahead:
@@ -177,7 +163,7 @@ class Splice:
 
 # The dev server's answer to an upgrade: bounded in size and in time.
 UPGRADE_HEAD_LIMIT = 64 * 1024
-UPSTREAM_CONNECT_S = 10.0
+UPGRADE_ANSWER_S = 10.0
 
 
 class UpgradeRefused(Exception):
@@ -231,13 +217,13 @@ async def upgrade_upstream(port: int, head: bytes) -> UpgradeAnswer:
     loop = asyncio.get_running_loop()
     try:
         transport, answer = await asyncio.wait_for(
-            loop.create_connection(_UpgradeAnswer, "127.0.0.1", port), UPSTREAM_CONNECT_S
+            loop.create_connection(_UpgradeAnswer, "127.0.0.1", port), CONNECT_TIMEOUT_S
         )
     except (OSError, TimeoutError) as err:
         raise UpgradeRefused(str(err)) from err
     try:
         transport.write(head)
-        status, headers = await asyncio.wait_for(answer.head, UPSTREAM_CONNECT_S)
+        status, headers = await asyncio.wait_for(answer.head, UPGRADE_ANSWER_S)
     except (OSError, TimeoutError, UpgradeRefused) as err:
         transport.close()
         raise UpgradeRefused(str(err)) from err
