@@ -6,11 +6,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiodocker
-import aiohttp
 from aiohttp import web
 
-from . import db
+from . import db, engine
 from .activity import ActivityRecorder
 from .auth import auth_middleware
 from .errors import GatewayError
@@ -19,6 +17,7 @@ from .keys import (
     ACTIVITY,
     DB,
     DOCKER,
+    DOCKER_STREAMS,
     EXEC_RUNNER,
     METRICS,
     PREVIEW_GATE,
@@ -51,8 +50,6 @@ from .websockets import SocketRegistry
 
 log = logging.getLogger(__name__)
 
-# Request/response calls to the engine; exec and attach streams drop the read timeouts themselves.
-DOCKER_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
 # The largest body: an exec with the largest code and stdin, JSON-escaped, with room to spare.
 CLIENT_MAX_SIZE_FLOOR = 1024 * 1024
 # How the application is to be served (web.run_app, AppRunner, TestServer): request bodies stay as the
@@ -114,11 +111,11 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    docker = aiodocker.Docker(url=settings.docker_host, timeout=DOCKER_TIMEOUT)
+    docker = engine.connect(app[SETTINGS].docker_host)
     try:
         # Not ensure_network here: the gateway starts, and says 503, while the engine is down.
-        app[DOCKER] = docker
+        app[DOCKER] = docker.calls
+        app[DOCKER_STREAMS] = docker.streams
         yield
     finally:
         await docker.close()
@@ -136,7 +133,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER])
-    app[EXEC_RUNNER] = ExecRunner(app[DOCKER], settings.exec)
+    app[EXEC_RUNNER] = ExecRunner(app[DOCKER_STREAMS], settings.exec)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
     app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)

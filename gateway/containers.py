@@ -6,8 +6,10 @@ engine is unavailable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -15,7 +17,14 @@ from typing import Any
 
 import aiodocker
 
-from .errors import DockerFailed, DockerUnavailable, GatewayError, SandboxStartFailed
+from .errors import (
+    DockerFailed,
+    DockerUnavailable,
+    GatewayError,
+    SandboxNotRunning,
+    SandboxPaused,
+    SandboxStartFailed,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -160,6 +169,22 @@ async def _create_replacing_leftover(
     return await docker.containers.create(config, name=name)
 
 
+async def running_container(
+    docker: aiodocker.Docker, settings: Settings, user: str
+) -> StartedContainer | None:
+    """The user's container by its name, if it runs: what a start that died half-way may have left."""
+    with docker_errors("inspecting the sandbox container"):
+        try:
+            info = await docker.containers.container(container_name(settings, user)).show()
+        except aiodocker.DockerError as err:
+            if err.status == 404:
+                return None
+            raise
+    if not info["State"]["Running"] or info["State"].get("Paused"):
+        return None
+    return StartedContainer(id=info["Id"], host_port=_published_port(info))
+
+
 def _published_port(info: dict[str, Any]) -> int:
     bindings = info["NetworkSettings"]["Ports"].get(PREVIEW_PORT) or []
     for binding in bindings:
@@ -188,8 +213,11 @@ async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, La
     return found
 
 
-async def death_reason(docker: aiodocker.Docker, container_id: str) -> str | None:
-    """None while the container runs; otherwise why it does not (oom_killed, exited_137, gone)."""
+RUNNING, PAUSED = "running", "paused"
+
+
+async def status(docker: aiodocker.Docker, container_id: str) -> str:
+    """ "running", "paused", or why the container no longer runs (oom_killed, exited_137, container_gone)."""
     with docker_errors("inspecting the sandbox container"):
         try:
             state = (await docker.containers.container(container_id).show())["State"]
@@ -198,10 +226,40 @@ async def death_reason(docker: aiodocker.Docker, container_id: str) -> str | Non
                 return "container_gone"
             raise
     if state["Running"]:
-        return None
+        return PAUSED if state.get("Paused") else RUNNING
     if state.get("OOMKilled"):
         return "oom_killed"
     return f"exited_{state.get('ExitCode')}"
+
+
+@contextmanager
+def exec_errors(doing: str) -> Iterator[None]:
+    """docker_errors for an exec in the sandbox: a container gone or stopped is SandboxNotRunning,
+    a paused one SandboxPaused."""
+    with docker_errors(doing):
+        try:
+            yield
+        except aiodocker.DockerError as err:
+            # 404: the container is gone; 409: it exists but is not running, or is paused.
+            if err.status == 409 and "paused" in str(err.message).lower():
+                raise SandboxPaused() from err
+            if err.status in (404, 409):
+                raise SandboxNotRunning() from err
+            raise
+
+
+# How long an exec's exit code may take to show once its output has ended.
+EXIT_CODE_WAIT_S = 5.0
+
+
+async def exit_code(execution: Any) -> int | None:
+    """The exit code once Docker has noticed the process is gone (a moment after its output ends)."""
+    deadline = time.monotonic() + EXIT_CODE_WAIT_S
+    while True:
+        info = await execution.inspect()
+        if not info["Running"] or time.monotonic() > deadline:
+            return info["ExitCode"] if not info["Running"] else None
+        await asyncio.sleep(0.01)
 
 
 async def remove_workspace(docker: aiodocker.Docker, settings: Settings, user: str) -> bool:

@@ -9,6 +9,7 @@
     ├── ShareNotFound                 404 share_not_found
     ├── RequestTimeout                408 request_timeout
     ├── SandboxNotRunning             409 sandbox_not_running
+    │   └── SandboxPaused                 sandbox_paused
     ├── ProjectExists                 409 project_exists
     ├── TooManyShares                 409 too_many_shares
     ├── PayloadTooLarge               413 payload_too_large
@@ -88,6 +89,14 @@ class SandboxNotRunning(GatewayError):
     status = 409
     code = "sandbox_not_running"
     default_message = "your sandbox is not running; start it with POST /api/sandbox"
+
+
+class SandboxPaused(SandboxNotRunning):
+    code = "sandbox_paused"
+    default_message = (
+        "your sandbox is paused (docker pause, by whoever runs this gateway): nothing in it can run until"
+        " it is unpaused; stopping it with DELETE /api/sandbox keeps your files"
+    )
 
 
 class ProjectExists(GatewayError):

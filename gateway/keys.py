@@ -21,7 +21,9 @@ from .websockets import SocketRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)
+# The engine's two clients (engine.py): calls that answer at once, and runs' and terminals' streams.
 DOCKER = web.AppKey("docker", aiodocker.Docker)
+DOCKER_STREAMS = web.AppKey("docker_streams", aiodocker.Docker)
 SANDBOXES = web.AppKey("sandboxes", Sandboxes)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 TERMINALS = web.AppKey("terminals", SocketRegistry)

@@ -25,6 +25,7 @@ from gateway.app import SERVER_OPTIONS, create_app
 from gateway.containers import remove_deployment
 from gateway.settings import ExecSettings, SandboxLimits, Settings
 
+from .gateway_processes import http, start_gateways  # noqa: F401 (fixtures, registered here)
 from .helpers import JWT_SECRET, GatewayTestServer, MakeClient, free_port
 
 SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest")
