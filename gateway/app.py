@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +27,7 @@ from .keys import (
     SANDBOXES,
     SETTINGS,
     SHARES,
+    TERMINAL_LEASES,
     TERMINALS,
     TOKENS,
     UPSTREAM,
@@ -44,6 +46,7 @@ from .sandboxes import Sandboxes
 from .settings import Settings
 from .shares import ShareStore
 from .terminal import close_terminals_on_shutdown
+from .terminal_leases import TerminalLeases
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
 from .websockets import SocketRegistry
@@ -135,6 +138,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER])
     app[EXEC_RUNNER] = ExecRunner(app[DOCKER_STREAMS], settings.exec)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
+    app[TERMINAL_LEASES] = TerminalLeases(app[DB])
     app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)
     app[PREVIEW_HOSTS] = PreviewHosts(app[DB])
@@ -153,4 +157,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     except GatewayError as err:
         # The gateway serves what it can without Docker; the next start reconciles that user anyway.
         log.warning("could not reconcile sessions with Docker at start: %s", err.message)
-    yield
+    renewal = asyncio.create_task(app[TERMINAL_LEASES].renew_forever(), name="terminal-lease-renewal")
+    try:
+        yield
+    finally:
+        renewal.cancel()
+        await asyncio.gather(renewal, return_exceptions=True)

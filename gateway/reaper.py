@@ -18,8 +18,9 @@ from aiohttp import web
 
 from . import db
 from .errors import GatewayError
-from .keys import DB, METRICS, SANDBOXES, SETTINGS
+from .keys import DB, DOCKER_STREAMS, METRICS, SANDBOXES, SETTINGS
 from .sandboxes import Sandboxes
+from .terminal import hang_up_orphans
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ async def _reap_forever(app: web.Application) -> None:
         try:
             reaped = await reap_once(app[SANDBOXES], app[DB], settings.idle_timeout_s)
             await resolve_unfinished(app[SANDBOXES], app[DB])
+            await hang_up_orphans(app[DB], app[SANDBOXES], app[DOCKER_STREAMS])
             async with db.connection(app[DB]) as conn:
                 await db.forget_rate_limits(conn)
                 await db.forget_ended_shares(conn)

@@ -25,14 +25,16 @@ from enum import IntEnum
 from typing import Any
 
 import aiodocker
+import asyncpg
 from aiodocker.stream import Stream
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from . import db, terminal_leases
 from .activity import Seen
 from .auth import check_origin
 from .containers import exec_errors, exit_code
 from .errors import GatewayError, SandboxNotRunning
-from .keys import ACTIVITY, DOCKER_STREAMS, SANDBOXES, SETTINGS, TERMINALS, USER
+from .keys import ACTIVITY, DOCKER_STREAMS, SANDBOXES, SETTINGS, TERMINAL_LEASES, TERMINALS, USER
 from .sandboxes import Sandboxes
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ async def _serve(
         return
     run_id = secrets.token_hex(16)
     container = docker.containers.container(container_id)
+    leases = request.app[TERMINAL_LEASES]
     shell_status: int | None = None
     try:
         with exec_errors("opening a terminal"):
@@ -102,7 +105,7 @@ async def _serve(
                 workdir="/workspace",
                 environment={"TERM": "xterm-256color", "SANDBOX_RUN_ID": run_id},
             )
-            async with execution.start(detach=False) as stream:
+            async with leases.held(run_id, user), execution.start(detach=False) as stream:
                 if size:
                     await execution.resize(w=size[0], h=size[1])
                 code, reason = await _bridge(ws, stream, execution, Seen(request.app[ACTIVITY], user))
@@ -187,6 +190,24 @@ def _initial_size(request: web.Request) -> tuple[int, int] | None:
 def _valid_size(cols: object, rows: object) -> tuple[int, int] | None:
     valid = all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000 for v in (cols, rows))
     return (cols, rows) if valid else None  # type: ignore[return-value]
+
+
+async def hang_up_orphans(pool: asyncpg.Pool, sandboxes: Sandboxes, docker: aiodocker.Docker) -> int:
+    """Hangs up the shells whose gateway stopped renewing their leases (it died); how many."""
+    async with db.connection(pool) as conn:
+        expired = await db.expired_terminal_leases(conn, terminal_leases.EXPIRE_S)
+    for run_id, user in expired:
+        try:
+            container_id = await sandboxes.running_container(user)
+        except SandboxNotRunning:
+            pass  # stopped since: nothing of the shell is left
+        else:
+            await _hang_up(docker.containers.container(container_id), run_id)
+        async with db.connection(pool) as conn:
+            await db.end_terminal_lease(conn, run_id)
+    if expired:
+        log.info("hung up %d terminals whose gateway is gone", len(expired))
+    return len(expired)
 
 
 async def _hang_up(container: Any, run_id: str) -> None:

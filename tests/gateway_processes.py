@@ -18,6 +18,7 @@ import pytest
 from gateway.settings import Settings
 
 from .helpers import JWT_SECRET, auth, free_port, poll
+from .test_terminal import Screen
 
 
 @dataclass
@@ -121,3 +122,15 @@ async def call(
     async with http.request(method, f"{gateway.url}{path}", headers=headers, **kwargs) as response:
         body = await response.json() if response.content_type == "application/json" else None
         return response.status, body
+
+
+TERMINAL = "/api/sandbox/terminal"
+TERMINAL_PROTOCOL = "sandbox-terminal.v1"
+
+
+async def open_terminal(http: aiohttp.ClientSession, gateway: GatewayProcess, user: str) -> Screen:
+    ws = await http.ws_connect(f"{gateway.url}{TERMINAL}", headers=auth(user), protocols=[TERMINAL_PROTOCOL])
+    terminal = Screen(ws)
+    await ws.send_bytes(b"echo READY-$((40+2)) $SANDBOX_USER\r")
+    await terminal.expect(f"READY-42 {user}".encode(), timeout_s=15)
+    return terminal

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiodocker
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -20,6 +21,7 @@ from gateway.settings import Settings
 
 from .conftest import PostgresCluster
 from .gateway_processes import StartGateways, call
+from .gateway_processes import open_terminal as open_terminal_via
 from .helpers import MakeClient, auth, docker_shell_ok, poll, running_container_id
 from .test_terminal import open_terminal
 
@@ -163,6 +165,38 @@ async def test_a_run_ends_itself_when_its_gateway_is_killed(
 
     # Its timeout (2 s) and the sandbox's grace (5 s), and some slack for the kill itself.
     await poll(ended, timeout_s=12, interval_s=0.2)
+
+
+async def test_a_terminal_is_hung_up_by_another_gateway_when_its_own_is_killed(
+    start_gateways: StartGateways, http: aiohttp.ClientSession, docker: aiodocker.Docker, settings: Settings
+) -> None:
+    """Docker does not hang up a shell whose client went away; its lease runs out instead."""
+    (a,) = await start_gateways("a")
+    assert (await call(http, a, "POST", "/api/sandbox", "alice"))[0] == 201
+    container = await docker.containers.get(containers.container_name(settings, "alice"))
+    screen = await open_terminal_via(http, a, "alice")
+    await screen.type(b"sleep 4242 & echo JOB-$((6*7))\r")
+    await screen.expect(b"JOB-42")
+
+    async def job_runs() -> bool:
+        return await docker_shell_ok(docker, container.id, ["pgrep", "-f", "sleep 4242"])
+
+    assert await job_runs()
+    a.process.send_signal(signal.SIGKILL)
+    await a.process.wait()
+    assert await job_runs()
+    # Time passes for the lease (as it would in terminal_leases.EXPIRE_S) instead of for the test.
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("UPDATE terminal_leases SET renewed_at = now() - interval '1 hour'")
+    finally:
+        await conn.close()
+    await start_gateways("b", REAPER_INTERVAL_S="1")
+
+    async def hung_up() -> bool:
+        return not await job_runs()
+
+    await poll(hung_up, timeout_s=15, interval_s=0.2)
 
 
 async def test_after_docker_kill_the_terminal_says_stopped(

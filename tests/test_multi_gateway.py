@@ -19,15 +19,12 @@ from gateway.containers import LABEL_GATEWAY, LABEL_USER, container_name
 from gateway.keys import DB, SANDBOXES
 from gateway.settings import Settings
 
-from .gateway_processes import GatewayProcess, StartGateways, call, stop
+from .gateway_processes import GatewayProcess, StartGateways, call, open_terminal, stop
 from .helpers import MakeClient, auth, poll
-from .test_terminal import Screen
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
 UPSTREAM_JS = Path(__file__).parent / "fixtures" / "upstream.js"
-TERMINAL = "/api/sandbox/terminal"
-TERMINAL_PROTOCOL = "sandbox-terminal.v1"
 
 
 async def state(http: aiohttp.ClientSession, gateway: GatewayProcess, user: str) -> tuple[str, str | None]:
@@ -89,14 +86,6 @@ async def preview_get(
     async with http.get(preview_url(gateway, user, path), headers=sent, allow_redirects=False) as response:
         await response.read()
         return response.status
-
-
-async def open_terminal(http: aiohttp.ClientSession, gateway: GatewayProcess, user: str) -> Screen:
-    ws = await http.ws_connect(f"{gateway.url}{TERMINAL}", headers=auth(user), protocols=[TERMINAL_PROTOCOL])
-    terminal = Screen(ws)
-    await ws.send_bytes(b"echo READY-$((40+2)) $SANDBOX_USER\r")
-    await terminal.expect(f"READY-42 {user}".encode(), timeout_s=15)
-    return terminal
 
 
 async def test_a_sandbox_started_through_one_gateway_is_served_by_the_other(
