@@ -76,6 +76,7 @@ BLOCKED_IN_PUBLIC: tuple[IPNetwork, ...] = tuple(
 )
 DOCKER_USER_BOTH = {4: "DOCKER-USER", 6: "DOCKER-USER"}
 COMMAND_TIMEOUT_S = 10.0
+HEALTH_CACHE_S = 5.0
 RESOLV_CONF = Path("/etc/resolv.conf")
 # Where Docker itself looks when /etc/resolv.conf names only systemd-resolved's loopback stub.
 SYSTEMD_RESOLV_CONF = Path("/run/systemd/resolve/resolv.conf")
@@ -339,12 +340,22 @@ async def _restore(family: int, script: str) -> None:
 
 
 class EgressGuard:
-    """Installs and checks the rules of this deployment's policy. Holds no verdict of its own: the
-    kernel's rules are read again at every check."""
+    """Installs and checks the rules of this deployment's policy. Starts read the kernel's rules
+    again every time; only /healthz takes a verdict up to HEALTH_CACHE_S old."""
 
     def __init__(self, policy: EgressPolicy, network: str) -> None:
         self.policy = policy
         self.bridge = bridge_name(network)
+        self._health: tuple[bool, float] | None = None
+        self._health_lock = asyncio.Lock()
+
+    async def holds_recently(self) -> bool:
+        """Whether the rules held at a check no older than HEALTH_CACHE_S: health checks come
+        often, and each check is two processes."""
+        async with self._health_lock:
+            if self._health is None or time.monotonic() - self._health[1] > HEALTH_CACHE_S:
+                self._health = (not await self.problems(), time.monotonic())
+            return self._health[0]
 
     async def current(self) -> dict[int, Saved]:
         """The filter tables, IPv4 and (where the kernel has it) IPv6."""

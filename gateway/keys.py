@@ -7,6 +7,7 @@ import asyncpg
 from aiohttp import web
 
 from .activity import ActivityRecorder
+from .egress import EgressGuard
 from .execute import ExecRunner
 from .metrics import Metrics
 from .preview_access import PreviewGate
@@ -23,6 +24,8 @@ SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)
 DOCKER = web.AppKey("docker", aiodocker.Docker)
 SANDBOXES = web.AppKey("sandboxes", Sandboxes)
+# Installs and checks the egress policy's kernel rules.
+EGRESS = web.AppKey("egress", EgressGuard)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)
