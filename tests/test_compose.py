@@ -144,7 +144,7 @@ async def check_deployment(deployment: Deployment, docker: aiodocker.Docker) -> 
     async with aiohttp.ClientSession(f"http://127.0.0.1:{deployment.port}", timeout=timeout) as http:
         async with http.get("/healthz") as response:
             assert response.status == 200
-            assert await response.json() == {"status": "ok", "docker": True, "database": True}
+            assert await response.json() == {"status": "ok", "docker": True, "database": True, "egress": True}
         async with http.post("/api/sandbox", headers=headers) as response:
             assert response.status == 201, await response.text()
             assert (await response.json())["state"] == "running"
