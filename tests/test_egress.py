@@ -21,6 +21,7 @@ import aiodocker
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.containers import LABEL_GATEWAY
 from gateway.egress import BRIDGE_OPTION, EgressGuard, Ruleset, Saved, bridge_name, parse_resolvers, rulesets
 from gateway.settings import EgressPolicy, IPAddress, Settings, SettingsError
 
@@ -284,6 +285,23 @@ async def test_without_install_a_gateway_says_so_at_start_and_refuses(
     installer = await make_client()
     assert (await start_code(installer, "alice"))[0] == 201
     assert (await start_code(client, "bob"))[0] == 201
+
+
+@pytest.mark.docker
+@pytest.mark.postgres
+async def test_a_network_without_the_fixed_bridge_is_refused(
+    client: TestClient, settings: Settings, docker: aiodocker.Docker
+) -> None:
+    """What a gateway from before the egress policy made: its bridge is br-<id>, which no rule names."""
+    await docker.networks.create(
+        {
+            "Name": settings.sandbox_network,
+            "Driver": "bridge",
+            "Labels": {LABEL_GATEWAY: settings.gateway_name},
+        }
+    )
+    status, code = await start_code(client, "alice")
+    assert (status, code) == (503, "egress_not_enforced")
 
 
 @pytest.mark.docker
