@@ -12,6 +12,7 @@ from aiohttp import web
 from . import db, engine
 from .activity import ActivityRecorder
 from .auth import auth_middleware
+from .egress import EgressGuard, install_at_start
 from .errors import GatewayError
 from .execute import ExecRunner
 from .keys import (
@@ -19,6 +20,7 @@ from .keys import (
     DB,
     DOCKER,
     DOCKER_STREAMS,
+    EGRESS,
     EXEC_RUNNER,
     METRICS,
     PREVIEW_GATE,
@@ -135,7 +137,10 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER])
+    app[EGRESS] = EgressGuard(settings.egress, settings.sandbox_network)
+    # Before anything can start a sandbox; a failure is logged, and every start refused, not fatal.
+    await install_at_start(app[EGRESS])
+    app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER], app[EGRESS])
     app[EXEC_RUNNER] = ExecRunner(app[DOCKER_STREAMS], settings.exec)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
     app[TERMINAL_LEASES] = TerminalLeases(app[DB])

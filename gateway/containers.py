@@ -17,9 +17,11 @@ from typing import Any
 
 import aiodocker
 
+from . import egress
 from .errors import (
     DockerFailed,
     DockerUnavailable,
+    EgressNotEnforced,
     GatewayError,
     SandboxNotRunning,
     SandboxPaused,
@@ -113,9 +115,12 @@ def docker_errors(doing: str, refused: type[DockerFailed] = DockerFailed) -> Ite
 
 async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
     """Creates the sandboxes' bridge network, on which containers cannot talk to each other."""
+    # The egress rules name the bridge (egress.py), so the network gets a name for it, fixed.
+    bridge = egress.bridge_name(settings.sandbox_network)
     with docker_errors("preparing the sandbox network"):
         try:
-            await docker.networks.get(settings.sandbox_network)
+            network = await docker.networks.get(settings.sandbox_network)
+            _check_bridge(await network.show(), bridge, settings)
             return
         except aiodocker.DockerError as err:
             if err.status != 404:
@@ -126,7 +131,10 @@ async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
                     "Name": settings.sandbox_network,
                     "Driver": "bridge",
                     "CheckDuplicate": True,
-                    "Options": {"com.docker.network.bridge.enable_icc": "false"},
+                    "Options": {
+                        "com.docker.network.bridge.enable_icc": "false",
+                        egress.BRIDGE_OPTION: bridge,
+                    },
                     "Labels": {LABEL_GATEWAY: settings.gateway_name},
                 }
             )
@@ -134,6 +142,15 @@ async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
             # Another gateway created it at the same moment.
             if err.status != 409:
                 raise
+
+
+def _check_bridge(info: dict[str, Any], bridge: str, settings: Settings) -> None:
+    if settings.egress.mode != "open" and (info.get("Options") or {}).get(egress.BRIDGE_OPTION) != bridge:
+        # Made by a gateway older than the egress policy: the rules would guard another bridge.
+        raise EgressNotEnforced(
+            f"the network {settings.sandbox_network} has no bridge named {bridge}, which the egress"
+            " rules guard: stop its sandboxes and remove it (docker network rm), the next start makes it"
+        )
 
 
 async def create_and_start(docker: aiodocker.Docker, settings: Settings, user: str) -> StartedContainer:

@@ -21,7 +21,8 @@
     └── ServiceUnavailable            503
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
-        └── DatabaseUnavailable           database_unavailable
+        ├── DatabaseUnavailable           database_unavailable
+        └── EgressNotEnforced             egress_not_enforced
 
 Adapters raise these from foreign errors (``raise DockerUnavailable(...) from err``); the error
 middleware turns them into ``{"error": {"code", "message"}}``.
@@ -160,3 +161,10 @@ class DockerUnavailable(ServiceUnavailable):
 
 class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
+
+
+class EgressNotEnforced(ServiceUnavailable):
+    """The kernel rules that SANDBOX_NETWORK_MODE needs are missing or wrong: no sandbox starts
+    until they are back (egress.py)."""
+
+    code = "egress_not_enforced"

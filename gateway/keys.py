@@ -7,6 +7,7 @@ import asyncpg
 from aiohttp import web
 
 from .activity import ActivityRecorder
+from .egress import EgressGuard
 from .execute import ExecRunner
 from .metrics import Metrics
 from .preview_access import PreviewGate
@@ -26,6 +27,8 @@ DB = web.AppKey("db", asyncpg.Pool)
 DOCKER = web.AppKey("docker", aiodocker.Docker)
 DOCKER_STREAMS = web.AppKey("docker_streams", aiodocker.Docker)
 SANDBOXES = web.AppKey("sandboxes", Sandboxes)
+# Installs and checks the egress policy's kernel rules.
+EGRESS = web.AppKey("egress", EgressGuard)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
 TERMINAL_LEASES = web.AppKey("terminal_leases", TerminalLeases)

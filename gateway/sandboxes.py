@@ -12,6 +12,7 @@ import asyncpg
 
 from . import containers, db
 from .db import Session
+from .egress import EgressGuard
 from .errors import GatewayError, SandboxNotFound, SandboxNotRunning, SandboxPaused
 from .settings import Settings
 
@@ -27,10 +28,17 @@ class StartResult:
 
 
 class Sandboxes:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, docker: aiodocker.Docker) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        docker: aiodocker.Docker,
+        egress: EgressGuard | None = None,
+    ) -> None:
         self._settings = settings
         self._pool = pool
         self._docker = docker
+        self._egress = egress or EgressGuard(settings.egress, settings.sandbox_network)
         # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
         self._network_ready = False
         # user -> (published port, when looked up): spares the preview proxy a query per request.
@@ -55,6 +63,8 @@ class Sandboxes:
                     raise SandboxPaused()
                 log.info("sandbox of %s is recorded as running but its container is not; restarting", user)
                 await containers.remove_container(self._docker, session.container_id)
+            # Read from the kernel at every start: rules flushed since (a firewall reload) stop starts.
+            await self._egress.require()
             await db.reserve_slot(conn, user, self._settings.max_sandboxes)
             try:
                 if not self._network_ready:
