@@ -129,7 +129,8 @@ async def run(
             else:
                 result = await response.json()
                 answer = "timed out" if result["timed_out"] else f"exit {result['exit_code']}"
-                said = result["stdout"][:80].strip()
+                # A flood's NULs are not worth printing.
+                said = "".join(c for c in result["stdout"][:80] if c.isprintable()).strip()
     except TimeoutError:
         answer = "no answer"
     except aiohttp.ClientError as err:
