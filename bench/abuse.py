@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -337,6 +338,7 @@ def report(rows: Sequence[Row], seconds: float) -> list[str]:
 
 
 async def main(cases: Sequence[str], seconds: float) -> None:
+    load_before = os.getloadavg()[0]
     before, after = raise_open_file_limit()
     needed = IDLE_CONNECTIONS + SLOWLORIS_CONNECTIONS + TERMINAL_USERS * TERMINALS_PER_USER
     if after < needed:
@@ -355,6 +357,8 @@ async def main(cases: Sequence[str], seconds: float) -> None:
         bench = Bench(gateway, seconds, max_timeout_ms)
         rows = [await run_case(bench, name) for name in CASES if name == "quiet" or name in cases]
     missed = report(rows, seconds)
+    # Other work on the machine moves every figure: say how busy it was.
+    print(f"\nload average before the run {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
     if missed:
         print(f"\n{len(missed)} targets missed", file=sys.stderr)
         raise SystemExit(1)
