@@ -19,6 +19,7 @@ arriving during the abuse meets):
   floods     four `cat /dev/zero` runs in a neighbour's sandbox, with the longest timeout allowed
   terminals  500 open terminal WebSockets across 100 users (100 sandboxes, 5 terminals each)
 
+Each case after a quiet window of its own (half as long), its ratios to that window's figures.
 Targets: `/healthz` and `GET /api/sandbox` p99 under 100 ms, the exec p50 within 1.5x of quiet, no
 error or timeout in any call, slowloris connections closed within 15 s. Every call has a timeout (a
 wedged gateway makes a case fail, not hang); the exit status is 1 if any target is missed.
@@ -82,6 +83,8 @@ DISK_FILE = "/workspace/abuse-disk"
 # Time for a neighbour's abuse to reach its stride (a fork bomb its pids limit) before the window.
 SETTLE_S = 1.0
 P99_TARGET_MS = 100.0
+# The quiet window before each case, as a share of the case's own.
+QUIET_SHARE = 0.5
 EXEC_P50_RATIO_TARGET = 1.5
 
 # -- the cases: each an abuse, in force while the probe runs --
@@ -270,6 +273,7 @@ CASES: dict[str, Case] = {
 class Row:
     case: str
     calls: dict[str, Calls]
+    quiet: dict[str, Calls]  # the quiet window just before the case (the quiet case's: itself)
     outcome: Outcome
 
 
@@ -277,12 +281,15 @@ async def run_case(bench: Bench, name: str) -> Row:
     print(f"{name} ...", flush=True)
     outcome = Outcome()
     calls = {call: Calls() for call in CALLS}
+    # Other work on a shared machine drifts over minutes: each case is compared with a quiet
+    # window of its own, just before it, not only with the one at the start.
+    quiet = None if name == "quiet" else await probe(bench.gateway, bench.seconds * QUIET_SHARE, None)
     try:
         async with CASES[name](bench, outcome):
             calls = await probe(bench.gateway, bench.seconds, outcome.until)
     except Exception as err:  # one case's failure is a row of the report, not the end of the run
         outcome.missed.append(f"the case failed: {err!r}")
-    row = Row(name, calls, outcome)
+    row = Row(name, calls, quiet or calls, outcome)
     for call, figures in calls.items():
         print(
             f"  {call:<18} p50 {figures.p50_ms:8.1f} ms  p99 {figures.p99_ms:8.1f} ms  {dict(figures.errors)}"
@@ -306,26 +313,28 @@ def misses(call: str, figures: Calls, quiet: Calls) -> list[str]:
 
 def report(rows: Sequence[Row], seconds: float) -> list[str]:
     """Prints the table; returns the targets missed."""
-    quiet_calls = rows[0].calls
-    print(f"\nabuse ({seconds:.0f} s windows; targets: /healthz and GET p99 < {P99_TARGET_MS:.0f} ms,")
     print(
-        f"  exec p50 <= {EXEC_P50_RATIO_TARGET}x quiet, no errors,"
+        f"\nabuse ({seconds:.0f} s a case, after a quiet {seconds * QUIET_SHARE:.0f} s of its own; targets:"
+        f" /healthz and GET p99 < {P99_TARGET_MS:.0f} ms,"
+    )
+    print(
+        f"  exec p50 <= {EXEC_P50_RATIO_TARGET}x its quiet p50, no errors,"
         f" slowloris closed within {SLOWLORIS_CLOSE_TARGET_S:.0f} s)"
     )
     print(
-        f"  {'case':<11}{'call':<18}{'n':>5}{'p50 ms':>9}{'p99 ms':>9}{'x p50':>7}{'x p99':>7}"
-        f"  {'result':<7}errors"
+        f"  {'case':<11}{'call':<18}{'n':>5}{'p50 ms':>9}{'p99 ms':>9}{'quiet p50':>10}{'p99':>7}"
+        f"{'x p50':>7}{'x p99':>7}  {'result':<7}errors"
     )
     missed_all: list[str] = []
     for row in rows:
         for call, figures in row.calls.items():
-            base = quiet_calls[call]
+            base = row.quiet[call]
             missed = misses(call, figures, base)
             missed_all += [f"{row.case} {call}: {m}" for m in missed]
             errors = ", ".join(f"{reason} x{n}" for reason, n in figures.errors.most_common())
             print(
                 f"  {row.case:<11}{call:<18}{len(figures.seconds):>5}"
-                f"{figures.p50_ms:>9.1f}{figures.p99_ms:>9.1f}"
+                f"{figures.p50_ms:>9.1f}{figures.p99_ms:>9.1f}{base.p50_ms:>10.1f}{base.p99_ms:>7.0f}"
                 f"{figures.p50_ms / base.p50_ms:>7.2f}{figures.p99_ms / base.p99_ms:>7.2f}"
                 f"  {'MISSED' if missed else 'ok':<7}{errors}"
             )
