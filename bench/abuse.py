@@ -24,10 +24,13 @@ Targets: `/healthz` and `GET /api/sandbox` p99 under 100 ms, the exec p50 within
 error or timeout in any call, slowloris connections closed within 15 s. Every call has a timeout (a
 wedged gateway makes a case fail, not hang); the exit status is 1 if any target is missed.
 
-The hostile client connects from 127.0.0.2, the neighbours from 127.0.0.3 and each terminal user from
-an address of its own in 127.0.1.0/24 (all loopback, all to the gateway on 127.0.0.1), so that a bound
-on connections per client address holds back the abuser, not the probe. Every container and volume
-goes at the end, also after a failure or Ctrl-C (the deployment's label, common.running_gateway).
+The gateway runs with MAX_SANDBOXES 110, MAX_TERMINALS_PER_USER 5, EXEC_MAX_TIMEOUT_MS of S + 15 s
+(a neighbour's runs, at that timeout, outlast the window) and no exec rate limit (the probe runs
+several a second). The hostile client connects from 127.0.0.2, the neighbours from 127.0.0.3 and
+each terminal user from an address of its own in 127.0.1.0/24 (all loopback, all to the gateway on
+127.0.0.1), so that a bound on connections per client address holds back the abuser, not the probe.
+Every container and volume goes at the end, also after a failure or Ctrl-C (the deployment's label,
+common.running_gateway); a gateway that does not stop within 30 s of SIGINT is killed.
 """
 
 from __future__ import annotations
