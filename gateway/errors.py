@@ -20,7 +20,8 @@
     └── ServiceUnavailable            503
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
-        └── DatabaseUnavailable           database_unavailable
+        ├── DatabaseUnavailable           database_unavailable
+        └── TooManyConnections            too_many_connections
 
 Adapters raise these from foreign errors (``raise DockerUnavailable(...) from err``); the error
 middleware turns them into ``{"error": {"code", "message"}}``.
@@ -151,3 +152,13 @@ class DockerUnavailable(ServiceUnavailable):
 
 class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
+
+
+class TooManyConnections(ServiceUnavailable):
+    """A connection refused as it comes (connections.py): the front door writes it, then closes."""
+
+    code = "too_many_connections"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", "Connection": "close"}
