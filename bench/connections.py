@@ -5,7 +5,9 @@ that send one byte each, against a gateway with 1,024 open files). All traffic t
     .venv/bin/python -m bench.connections                  # every scenario, this tree
     .venv/bin/python -m bench.connections figure --tree /tmp/base   # the figure, another checkout
 
-The flood comes from 127.0.0.1; /healthz is asked from 127.0.0.2, another client.
+The floods come from 127.0.0.1 (and 127.0.0.3), each in a child process of its own
+(`bench.connections flood ...`) so that its work never delays the prober's loop; /healthz is asked
+from 127.0.0.2, another client, on one kept-alive connection.
 """
 
 from __future__ import annotations
@@ -139,8 +141,9 @@ async def healthz_latencies(port: int, seconds: float) -> tuple[list[float], int
 
 
 class Flood:
-    """`count` connections from 127.0.0.1, each sending `first` and then `trickle` a byte every
-    `interval_s`; a connection the gateway closes is opened again after `reopen_s` (None: not)."""
+    """`count` connections from `source`, each sending `first` and then `trickle` a byte every
+    `interval_s` until the gateway closes it; a connection closed is opened again after `reopen_s`
+    (None: not)."""
 
     def __init__(
         self,
@@ -148,13 +151,15 @@ class Flood:
         count: int,
         first: bytes = b"",
         trickle: bytes = b"",
+        *,
+        source: str = "127.0.0.1",
         interval_s: float = 1.0,
         reopen_s: float | None = None,
     ) -> None:
-        self.port, self.count, self.first, self.trickle = port, count, first, trickle
+        self.port, self.count, self.first, self.trickle, self.source = port, count, first, trickle, source
         self.interval_s, self.reopen_s = interval_s, reopen_s
-        self.lifetimes: list[float] = []  # of connections the gateway closed after a 1 s+ life
-        self.refused = 0  # closed within a second (a 503 or a reset)
+        self.lifetimes: list[float] = []  # of connections the gateway held, then closed
+        self.refused = 0  # answered 503 at once, or reset before a byte could be read
         self.open = 0
         self.connect_errors = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -162,77 +167,126 @@ class Flood:
     async def _one(self) -> None:
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", self.port, local_addr=(self.source, 0)
+                )
             except OSError:
                 self.connect_errors += 1
-                if self.reopen_s is None:
-                    return
-                await asyncio.sleep(self.reopen_s)
-                continue
-            opened = time.monotonic()
-            self.open += 1
-            try:
-                writer.write(self.first)
-                for byte in self.trickle:
-                    if reader.at_eof():
-                        break
-                    await asyncio.sleep(self.interval_s)
-                    writer.write(bytes([byte]))
-                with contextlib.suppress(ConnectionError):
-                    while await reader.read(65536):
-                        pass
-            except ConnectionError:
-                pass
-            finally:
-                self.open -= 1
-                writer.close()
-            lived = time.monotonic() - opened
-            if lived < 1.0:
-                self.refused += 1
             else:
-                self.lifetimes.append(lived)
+                await self._hold(reader, writer)
             if self.reopen_s is None:
                 return
             await asyncio.sleep(self.reopen_s)
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def trickle() -> None:
+            writer.write(self.first)
+            for byte in self.trickle:
+                await asyncio.sleep(self.interval_s)  # the client's pace
+                writer.write(bytes([byte]))
+
+        opened = time.monotonic()
+        self.open += 1
+        trickling = asyncio.create_task(trickle())
+        received = b""
+        try:
+            while chunk := await reader.read(65536):
+                received += chunk
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            trickling.cancel()
+            writer.close()
+        if received.startswith(b"HTTP/1.1 503") or (not received and time.monotonic() - opened < 0.5):
+            self.refused += 1
+        else:
+            self.lifetimes.append(time.monotonic() - opened)
 
     async def start(self) -> None:
         for _ in range(self.count):
             self._tasks.append(asyncio.create_task(self._one()))
             await asyncio.sleep(0)
 
-    async def wait(self, timeout_s: float) -> None:
-        await asyncio.wait(self._tasks, timeout=timeout_s)
-
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def stats(self) -> dict[str, object]:
+        lives = sorted(self.lifetimes)
+        return {
+            "open": self.open,
+            "refused": self.refused,
+            "closed_after_holding": len(lives),
+            "lifetime_s": [lives[0], lives[len(lives) // 2], lives[-1]] if lives else None,
+            "connect_errors": self.connect_errors,
+        }
+
+
+ENDLESS = b"".join(f"X-{n}: {'a' * 10}\r\n".encode() for n in range(1000))
+KINDS = {
+    "idle": (b"", b""),
+    "byte": (b"G", b""),
+    "door": (b"G", b"ET /healthz HTTP/1.1\r\n" + ENDLESS),
+    "aiohttp": (b"P", b"OST /api/sandbox/exec HTTP/1.1\r\n" + ENDLESS),
+}
+
+
+async def flood_child(
+    port: int, kind: str, count: int, source: str, seconds: float, reopen_s: float | None
+) -> None:
+    """The flood, in a process of its own so that its work never delays the prober's loop: says
+    "ready" once its connections are open, floods for `seconds`, then prints its figures."""
+    first, trickle = KINDS[kind]
+    flood = Flood(port, count, first, trickle, source=source, reopen_s=reopen_s)
+    await flood.start()
+    await asyncio.sleep(2)
+    print(json.dumps({"ready": flood.open}), flush=True)
+    await asyncio.sleep(seconds)
+    print(json.dumps(flood.stats()), flush=True)
+    await flood.stop()
+
+
+@contextlib.asynccontextmanager
+async def flooding(
+    port: int,
+    kind: str,
+    count: int,
+    seconds: float,
+    *,
+    source: str = "127.0.0.1",
+    reopen_s: float | None = None,
+) -> AsyncIterator[dict[str, object]]:
+    """Runs a flood child; yields once it is ready, and fills the dict with its figures at the end."""
+    command = ["-m", "bench.connections", "flood", "--port", str(port), "--kind", kind, "--count", str(count)]
+    command += ["--source", source, "--seconds", str(seconds)]
+    if reopen_s is not None:
+        command += ["--reopen", str(reopen_s)]
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, *command, stdout=asyncio.subprocess.PIPE, cwd=ROOT
+    )
+    assert child.stdout is not None
+    figures: dict[str, object] = json.loads(await child.stdout.readline())
+    try:
+        yield figures
+    finally:
+        figures.update(json.loads(await child.stdout.readline()))
+        await child.wait()
+
 
 async def slowloris(tree: Path) -> None:
-    """1,000 slowloris connections, a byte a second: half GET heads (the door's), half POST heads
-    (aiohttp's), defaults otherwise."""
+    """Slowloris connections, a byte a second, with the defaults: 500 GET heads (the door's) from
+    one client, 500 POST heads (aiohttp's) from another; /healthz meanwhile from a third."""
     async with gateway_process(tree, None) as gateway:
-        endless = b"".join(f"X-{n}: {'a' * 10}\r\n".encode() for n in range(1000))
-        door = Flood(gateway.port, 500, b"G", b"ET /healthz HTTP/1.1\r\n" + endless)
-        aiohttp_path = Flood(gateway.port, 500, b"P", b"OST /api/sandbox/exec HTTP/1.1\r\n" + endless)
-        await door.start()
-        await aiohttp_path.start()
-        samples, failed = await healthz_latencies(gateway.port, 12)
-        await door.wait(60)
-        await aiohttp_path.wait(60)
-        for name, flood in (("door (GET)", door), ("aiohttp (POST)", aiohttp_path)):
-            lives = sorted(flood.lifetimes)
-            print(
-                f"slowloris via {name}: {len(lives)} held, closed after"
-                f" min {lives[0]:.2f} s, median {lives[len(lives) // 2]:.2f} s, max {lives[-1]:.2f} s;"
-                f" {flood.refused} refused at once"
-                if lives
-                else f"slowloris via {name}: none held, {flood.refused} refused"
-            )
+        async with (
+            flooding(gateway.port, "door", 500, 25) as door,
+            flooding(gateway.port, "aiohttp", 500, 25, source="127.0.0.3") as through_aiohttp,
+        ):
+            samples, failed = await healthz_latencies(gateway.port, 15)
+        for name, figures in (("door (GET)", door), ("aiohttp (POST)", through_aiohttp)):
+            print(f"slowloris via {name}: {figures}")
         print(f"  /healthz meanwhile: {percentiles(samples)}, {failed} failed")
-        await door.stop()
-        await aiohttp_path.stop()
 
 
 async def idle(tree: Path, count: int, **env: str) -> None:
@@ -241,56 +295,45 @@ async def idle(tree: Path, count: int, **env: str) -> None:
     async with gateway_process(tree, None, **env) as gateway:
         quiet, failed = await healthz_latencies(gateway.port, 10)
         print(f"/healthz quiet: {percentiles(quiet)}, {failed} failed")
-        flood = Flood(gateway.port, count, reopen_s=1.0)
-        await flood.start()
-        await asyncio.sleep(3)  # the flood's connections opened (their pace, not a synchronisation)
-        held = flood.open
-        loaded, failed = await healthz_latencies(gateway.port, 20)
+        async with flooding(gateway.port, "idle", count, 22, reopen_s=1.0) as figures:
+            loaded, failed = await healthz_latencies(gateway.port, 20)
         print(
             f"/healthz under {count} idle connections from one client ({env or 'defaults'}):"
-            f" {percentiles(loaded)}, {failed} failed; {held} held open at the start,"
-            f" {flood.refused} refusals and {len(flood.lifetimes)} closes meanwhile"
+            f" {percentiles(loaded)}, {failed} failed; flood: {figures}"
         )
-        await flood.stop()
 
 
 async def figure(tree: Path) -> None:
-    """The issue's figure: 1,024 open files, 1,100 connections sending one byte each."""
+    """The issue's figure: 1,024 open files, 1,100 connections sending one byte each, each opened
+    again half a second after the gateway closes it (a client that keeps its flood up)."""
     async with gateway_process(tree, 1024) as gateway:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port, local_addr=(PROBER, 0))
         writer.write(HEALTHZ)
         await read_answer(reader)
-        # Reopened half a second after the gateway closes one: a client that keeps its flood up.
-        flood = Flood(gateway.port, 1100, b"G", reopen_s=0.5)
-        await flood.start()
-        # Longer than the Docker client keeps an idle connection to the engine (aiohttp's 15 s), so
-        # that /healthz needs a new one; the flood's pace, not a synchronisation.
-        await asyncio.sleep(20)
-        print(
-            f"figure ({tree}): {flood.open} of 1100 held after 20 s, {flood.refused} refused,"
-            f" {len(flood.lifetimes)} closed after a while, {flood.connect_errors} connect errors"
-        )
-        for attempt in range(3):
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(15):
-                    writer.write(HEALTHZ)
-                    status, body = await read_answer(reader)
-                seen = f"{status} {json.loads(body)}"
-            except (TimeoutError, ConnectionError, asyncio.IncompleteReadError) as err:
-                seen = f"failed: {err!r}"
-            took = (time.perf_counter() - started) * 1000
-            print(f"  /healthz on a connection opened before the flood: {seen} ({took:.0f} ms)")
-            try:
-                status, body = await healthz_new_connection(gateway.port, 10)
-                fresh = f"{status} {body.decode()[:100]}"
-            except (TimeoutError, OSError, asyncio.IncompleteReadError) as err:
-                fresh = f"failed: {err!r}"
-            print(f"  /healthz on a new connection: {fresh}")
-            if attempt < 2:
+        async with flooding(gateway.port, "byte", 1100, 30, reopen_s=0.5) as figures:
+            # Longer than the Docker client keeps an idle connection to the engine (aiohttp's 15 s),
+            # so that /healthz needs a new one; the flood's pace, not a synchronisation.
+            await asyncio.sleep(20)
+            for _ in range(3):
+                started = time.perf_counter()
+                try:
+                    async with asyncio.timeout(15):
+                        writer.write(HEALTHZ)
+                        status, body = await read_answer(reader)
+                    seen = f"{status} {json.loads(body)}"
+                except (TimeoutError, ConnectionError, asyncio.IncompleteReadError) as err:
+                    seen = f"failed: {err!r}"
+                took = (time.perf_counter() - started) * 1000
+                print(f"  /healthz on a connection opened before the flood: {seen} ({took:.0f} ms)")
+                try:
+                    status, body = await healthz_new_connection(gateway.port, 5)
+                    fresh = f"{status} {body.decode()[:100]}"
+                except (TimeoutError, OSError, asyncio.IncompleteReadError) as err:
+                    fresh = f"failed: {err!r}"
+                print(f"  /healthz on a new connection from another client: {fresh}")
                 await asyncio.sleep(1)
+        print(f"figure ({tree}): flood {figures}")
         writer.close()
-        await flood.stop()
 
 
 def enough_files(count: int) -> None:
@@ -304,8 +347,18 @@ async def main() -> None:
     parser.add_argument("scenario", nargs="*", default=["slowloris", "idle", "figure"])
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose gateway runs")
     parser.add_argument("--idle", type=int, default=5000, help="idle connections in the idle scenario")
+    # The flood child's own arguments.
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--kind", choices=sorted(KINDS))
+    parser.add_argument("--count", type=int)
+    parser.add_argument("--source", default="127.0.0.1")
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--reopen", type=float)
     args = parser.parse_args()
-    enough_files(args.idle + 2000)
+    enough_files(max(args.idle, args.count or 0) + 2000)
+    if args.scenario == ["flood"]:
+        await flood_child(args.port, args.kind, args.count, args.source, args.seconds, args.reopen)
+        return
     if "slowloris" in args.scenario:
         await slowloris(args.tree)
     if "idle" in args.scenario:
