@@ -22,7 +22,8 @@
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
         ├── DatabaseUnavailable           database_unavailable
-        └── EgressNotEnforced             egress_not_enforced
+        ├── EgressNotEnforced             egress_not_enforced
+        └── TooManyConnections            too_many_connections
 
 Adapters raise these from foreign errors (``raise DockerUnavailable(...) from err``); the error
 middleware turns them into ``{"error": {"code", "message"}}``.
@@ -168,3 +169,13 @@ class EgressNotEnforced(ServiceUnavailable):
     until they are back (egress.py)."""
 
     code = "egress_not_enforced"
+
+
+class TooManyConnections(ServiceUnavailable):
+    """A connection refused as it comes (connections.py): the front door writes it, then closes."""
+
+    code = "too_many_connections"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", "Connection": "close"}

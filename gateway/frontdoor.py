@@ -23,10 +23,18 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.log import access_logger
-from aiohttp.web_protocol import RequestHandler
 
 from .access_log import log_access
 from .app import KEEPALIVE_S
+from .connections import (
+    REFUSAL_ANSWERS,
+    REFUSALS,
+    ClientConnections,
+    Refusal,
+    Slot,
+    connection_ceiling,
+    open_file_limit,
+)
 from .door_answers import answer_now, response_head, stream_answer, timed_out, upgrade_refused
 from .errors import GatewayError
 from .http1 import HEAD_LIMIT, Head, HeadParser, may_be_fast, parse_head
@@ -36,6 +44,7 @@ from .logs import current_request_id, request_id_for
 from .metrics import Metrics
 from .preview_access import PATH_ROUTE_LABEL, ROOT_ROUTE_LABEL, Admitted, PreviewGate, PreviewRequest, Route
 from .preview_headers import request_head, upgrade_head, upgrade_response_headers, upstream_headers
+from .request_handler import GatewayRequestHandler
 from .settings import Settings
 from .splice import Splice, UpgradeRefused, upgrade_upstream
 from .upstream import Response, UpstreamConnection, UpstreamError, UpstreamPool, UpstreamTimeout
@@ -85,9 +94,40 @@ class Deps:
 class GatewayServer(web.Server):
     """aiohttp's server, with the front door as each connection's first protocol."""
 
-    def __init__(self, app: web.Application, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        app: web.Application,
+        handler: Any,
+        *,
+        request_factory: Any = None,
+        handler_cancellation: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            handler, request_factory=request_factory, handler_cancellation=handler_cancellation, **options
+        )
         self.app = app
+        # What aiohttp's own protocol is made with (keep-alive, access log, ...), for hand-overs.
+        self._handler_options = options
+        self._handler_options.setdefault("loop", asyncio.get_running_loop())
+        settings, metrics = app[SETTINGS], app[METRICS]
+        self.head_timeout_s = settings.header_timeout_s
+        self.client_connections = ClientConnections(
+            connection_ceiling(settings.max_connections, open_file_limit()),
+            settings.max_connections_per_client,
+        )
+        log.info(
+            "client connections: at most %d, %s per client address; request heads within %g s",
+            self.client_connections.ceiling,
+            settings.max_connections_per_client or "no bound",
+            self.head_timeout_s,
+        )
+        metrics.client_connections.set_function(self.client_connections.count)
+        metrics.connection_limit.labels("total").set(self.client_connections.ceiling)
+        metrics.connection_limit.labels("per_client").set(settings.max_connections_per_client)
+        self.refused = {reason: metrics.connections_refused.labels(reason) for reason in REFUSALS}
+        self.door_head_timeouts = metrics.head_timeouts.labels("door")
+        self._aiohttp_head_timeouts = metrics.head_timeouts.labels("aiohttp")
         self.doors: set[FrontDoor] = set()
         self.splices: set[Splice] = set()
         # Requests the front door answered, and connections it handed to aiohttp (tests read them).
@@ -102,9 +142,17 @@ class GatewayServer(web.Server):
         # On the first request, not at construction: by then the app has started and set them all.
         return Deps.of(self.app)
 
-    def aiohttp_protocol(self) -> RequestHandler:
-        """aiohttp's own protocol, for a connection the front door hands over."""
-        return super().__call__()
+    def aiohttp_protocol(self, slot: Slot | None, head_started: float) -> GatewayRequestHandler:
+        """aiohttp's own protocol, for a connection the front door hands over: it takes the
+        connection's slot, and times the head the door was reading from `head_started`."""
+        return GatewayRequestHandler(
+            self,
+            slot=slot,
+            head_timeout_s=self.head_timeout_s,
+            head_started=head_started,
+            on_head_timeout=self._aiohttp_head_timeouts.inc,
+            **self._handler_options,
+        )
 
     def pre_shutdown(self) -> None:
         super().pre_shutdown()
@@ -153,6 +201,9 @@ class FrontDoor(asyncio.Protocol):
         self._last_used = 0.0
         self._in_flight: UpstreamConnection | None = None  # a request sent without a task of its own
         self._idle_check: asyncio.TimerHandle | None = None
+        # When the request head being read began (the accept, for the first); None between heads.
+        self._head_since: float | None = None
+        self._slot: Slot | None = None  # None: refused, or the connection is no longer the door's
         self.remote = ""
 
     # -- asyncio.Protocol --
@@ -160,10 +211,26 @@ class FrontDoor(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else ""
+        admitted = self._server.client_connections.admit(self.remote)
+        if not isinstance(admitted, Slot):
+            self._refuse(admitted)
+            return
+        self._slot = admitted
         self._server.doors.add(self)
-        self._used()
+        loop = self._loop
+        self._last_used = self._head_since = loop.time()
+        self._idle_check = loop.call_at(self._head_since + self._server.head_timeout_s, self._check_idle)
+
+    def _refuse(self, reason: Refusal) -> None:
+        """Before a byte is read: a refusal costs the gateway one descriptor for a moment."""
+        self._server.refused[reason].inc()
+        assert self._transport is not None
+        self._transport.write(REFUSAL_ANSWERS[reason])
+        self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._slot is None:
+            return  # refused: closing already
         self._buffer += data
         if not self._busy:
             self._next_request()
@@ -188,6 +255,9 @@ class FrontDoor(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.doors.discard(self)
         self._writable.set()
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
         if self._idle_check is not None:
             self._idle_check.cancel()
         if self.task is not None:
@@ -210,7 +280,10 @@ class FrontDoor(asyncio.Protocol):
         if end < 0:
             if len(buffer) > HEAD_LIMIT:
                 self._hand_over()
+            else:
+                self._head_arriving()
             return
+        self._head_since = None
         if self._parser is None:
             self._parser = HeadParser()
         request = parse_head(bytes(buffer[: end + 4]), self._parser)
@@ -347,7 +420,9 @@ class FrontDoor(asyncio.Protocol):
         self._server.handed_over += 1
         if self._idle_check is not None:
             self._idle_check.cancel()
-        handler = self._server.aiohttp_protocol()
+        head_started = self._loop.time() if self._head_since is None else self._head_since
+        slot, self._slot = self._slot, None
+        handler = self._server.aiohttp_protocol(slot, head_started)
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self._reading_paused:
@@ -378,9 +453,12 @@ class FrontDoor(asyncio.Protocol):
     async def drained(self) -> None:
         await self._writable.wait()
 
-    def take_over(self, request: Head) -> tuple[asyncio.Transport, bytes]:
-        """The connection, and the bytes the client sent after `request`, for a splice."""
+    def take_over(self, request: Head) -> tuple[asyncio.Transport, bytes, Slot]:
+        """The connection, the bytes the client sent after `request`, and the connection's slot
+        (released when the splice ends), for a splice."""
         assert self._transport is not None
+        assert self._slot is not None
+        slot, self._slot = self._slot, None
         self._server.doors.discard(self)
         if self._idle_check is not None:
             self._idle_check.cancel()
@@ -388,7 +466,7 @@ class FrontDoor(asyncio.Protocol):
         self._buffer.clear()
         if self._reading_paused:
             self._transport.resume_reading()
-        return self._transport, rest
+        return self._transport, rest, slot
 
     def close(self) -> None:
         if self._transport is not None:
@@ -405,13 +483,37 @@ class FrontDoor(asyncio.Protocol):
         if self._idle_check is None:
             self._idle_check = loop.call_at(self._last_used + KEEPALIVE_S, self._check_idle)
 
-    def _check_idle(self) -> None:
-        loop = self._loop
-        due = self._last_used + KEEPALIVE_S
-        if not self._busy and loop.time() >= due:
-            self.close()
+    def _head_arriving(self) -> None:
+        """Part of a head is in: the rest must follow within the head timeout."""
+        if self._head_since is not None:
             return
-        self._idle_check = loop.call_at(max(due, loop.time() + 1.0), self._check_idle)
+        loop = self._loop
+        self._head_since = loop.time()
+        due = self._head_since + self._server.head_timeout_s
+        check = self._idle_check
+        if check is None or check.when() > due:
+            if check is not None:
+                check.cancel()
+            self._idle_check = loop.call_at(due, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Closes a connection idle for KEEPALIVE_S, or whose request head is not in within the
+        head timeout (slowloris), without an answer; one timer for both."""
+        loop = self._loop
+        now = loop.time()
+        due = self._last_used + KEEPALIVE_S
+        if not self._busy:
+            if self._head_since is not None:
+                head_due = self._head_since + self._server.head_timeout_s
+                if now >= head_due:
+                    self._server.door_head_timeouts.inc()
+                    self.close()
+                    return
+                due = min(due, head_due)
+            if now >= due:
+                self.close()
+                return
+        self._idle_check = loop.call_at(due if due > now else now + 1.0, self._check_idle)
 
 
 def _account(
@@ -479,12 +581,13 @@ async def serve_websocket(door: FrontDoor, request: Head, route: Route, seen: Pr
         return answer.status
     answer_headers = upgrade_response_headers(answer.headers)
     answer_headers[REQUEST_ID_HEADER] = request_id
-    client, ahead = door.take_over(request)
+    client, ahead, slot = door.take_over(request)
     client.write(response_head(101, answer_headers.items()))
     server, deps, remote, started = door.server, door.deps, door.remote, time.perf_counter()
 
     def ended(splice: Splice) -> None:
         server.splices.discard(splice)
+        slot.release()  # the client's transport is closing now
         _account(deps.metrics, remote, request, route.prefix, 101, time.perf_counter() - started, request_id)
 
     splice = Splice(

@@ -138,3 +138,30 @@ def parse_head(head: bytes, parser: HeadParser | None = None) -> Head | None:
         size=len(head),
         single=single,
     )
+
+
+class HeadWatch:
+    """Whether a request head is arriving on a connection aiohttp reads: a parser of our own (llhttp,
+    as aiohttp's) fed the same bytes, for where each message begins and where its head ends, which
+    aiohttp says nothing about. Bodies are skipped, not buffered. After an upgrade or bytes it cannot
+    parse it stops (`done`): what follows is a WebSocket's, or aiohttp's 400 and the connection's end."""
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpRequestParser(self)
+        self.in_head = False
+        self.done = False
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserUpgrade, httptools.HttpParserError):
+            self.in_head = False
+            self.done = True

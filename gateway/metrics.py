@@ -142,6 +142,29 @@ class Metrics:
         )
         self.http = HttpRequests()
         r.register(self.http)
+        # Client connections (connections.py), wired by the front door's server.
+        self.client_connections = Gauge(
+            f"{PREFIX}_client_connections", "Client connections open on this process", registry=r
+        )
+        self.connection_limit = Gauge(
+            f"{PREFIX}_client_connection_limit",
+            "Bounds on client connections: total, per_client (0: none)",
+            ["bound"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "Client connections refused as they came, by the bound reached: per_client, total",
+            ["reason"],
+            registry=r,
+        )
+        self.head_timeouts = Counter(
+            f"{PREFIX}_head_timeouts",
+            "Connections closed for a request head not in within GATEWAY_HEADER_TIMEOUT_S, by path:"
+            " door, aiohttp",
+            ["path"],
+            registry=r,
+        )
 
     def count_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http.count(route, method, status, seconds)

@@ -143,6 +143,11 @@ class Settings:
     metrics_address: tuple[str, int] | None = None
     # "json" (one object per line) or "text".
     log_format: str = "json"
+    # Client connections (connections.py): the time a request head may take, how many connections
+    # one peer address may hold (0: no bound), how many all may hold (None: from the open-file limit).
+    header_timeout_s: float = 10.0
+    max_connections_per_client: int = 256
+    max_connections: int | None = None
 
     # Cached: the preview proxy asks for these on every request, and Settings never changes.
     @cached_property
@@ -233,6 +238,9 @@ class Settings:
             metrics_token=env.get("GATEWAY_METRICS_TOKEN", "").strip() or None,
             metrics_address=_address(env, "GATEWAY_METRICS_ADDRESS"),
             log_format=_choice(env, "GATEWAY_LOG_FORMAT", "json", ("json", "text")),
+            header_timeout_s=_int(env, "GATEWAY_HEADER_TIMEOUT_S", 10, minimum=1),
+            max_connections_per_client=_int(env, "GATEWAY_MAX_CONNECTIONS_PER_CLIENT", 256, minimum=0),
+            max_connections=_int(env, "GATEWAY_MAX_CONNECTIONS", 0, minimum=0) or None,
         )
 
     def __post_init__(self) -> None:
