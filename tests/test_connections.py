@@ -487,7 +487,7 @@ async def test_a_flood_past_the_ceiling_leaves_healthz_reaching_docker_and_postg
 
         for _ in range(3):
             answers = await asyncio.gather(*(watcher.get("/healthz") for watcher in watchers))
-            healthy = {"status": "ok", "docker": True, "database": True}
+            healthy = {"status": "ok", "docker": True, "database": True, "egress": True}
             assert [(a.status, json.loads(a.body)) for a in answers] == [(200, healthy)] * WATCHERS
         refused = sum(outcomes)
         # The watchers hold their places; the first ones of the flood the rest.
