@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway import containers, db
-from gateway.keys import DB, SANDBOXES
+from gateway.keys import DB, SANDBOXES, TERMINAL_LEASES
 from gateway.reaper import resolve_unfinished
 from gateway.settings import Settings
 
@@ -138,6 +138,45 @@ async def test_postgres_restarted_under_starts_leaks_nothing(
         assert (await client.post("/api/sandbox", headers=auth(user))).status in (200, 201)
         assert (await bash(client, "echo ok", user))[1]["stdout"] == "ok\n"
     assert len(await containers.labelled(docker, settings)) == len(users)
+
+
+@pytest.mark.disruptive
+async def test_postgres_restarted_under_a_run_and_an_open_terminal(
+    client: TestClient, postgres_cluster: PostgresCluster, docker: aiodocker.Docker
+) -> None:
+    """A run in flight finishes with its result, and an open terminal carries on, while PostgreSQL
+    restarts: neither needs the database once it is going (the terminal's lease renewal fails quietly
+    and catches up)."""
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    screen = await open_terminal(client)
+    await screen.type(b"echo BEFORE-$((6*7))\r")
+    await screen.expect(b"BEFORE-42")
+    container_id = await running_container_id(client, "alice")
+    run = asyncio.ensure_future(bash(client, "sleep 2.5; echo finished"))
+
+    async def run_going() -> bool:
+        return await docker_shell_ok(docker, container_id, ["pgrep", "-f", "sleep 2.5"])
+
+    await poll(run_going)
+    await asyncio.to_thread(postgres_cluster.stop, "immediate")
+    try:
+        await screen.type(b"echo DURING-$((6*7))\r")
+        await screen.expect(b"DURING-42")
+        status, result = await run
+        assert (status, result["stdout"]) == (200, "finished\n"), result
+    finally:
+        await asyncio.to_thread(postgres_cluster.start)
+
+    async def database_back() -> bool:
+        return (await client.get("/healthz")).status == 200
+
+    await poll(database_back, timeout_s=30)
+    await screen.type(b"echo AFTER-$((6*7))\r")
+    await screen.expect(b"AFTER-42")
+    assert (await bash(client, "echo again"))[1]["stdout"] == "again\n"
+    await client.app[TERMINAL_LEASES].renew()
+    async with client.app[DB].acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM terminal_leases") == 1
 
 
 async def test_a_run_ends_itself_when_its_gateway_is_killed(
