@@ -14,13 +14,16 @@
     ├── PayloadTooLarge               413 payload_too_large
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TooManyRequests               429 too_many_requests
+    ├── DiskFailed                    500 disk_error
     ├── DockerFailed                  502 docker_error
     │   ├── SandboxStartFailed            sandbox_start_failed
     │   └── ProjectFailed                 project_failed
     └── ServiceUnavailable            503
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
-        └── DatabaseUnavailable           database_unavailable
+        ├── DatabaseUnavailable           database_unavailable
+        ├── DiskQuotaUnavailable          disk_quota_unavailable
+        └── HostDiskLow                   host_disk_low
 
 Adapters raise these from foreign errors (``raise DockerUnavailable(...) from err``); the error
 middleware turns them into ``{"error": {"code", "message"}}``.
@@ -123,6 +126,12 @@ class TooManyRequests(GatewayError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class DiskFailed(GatewayError):
+    """Setting up, mounting or removing a user's filesystem failed (disks.py)."""
+
+    code = "disk_error"
+
+
 class DockerFailed(GatewayError):
     status = 502
     code = "docker_error"
@@ -151,3 +160,15 @@ class DockerUnavailable(ServiceUnavailable):
 
 class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
+
+
+class DiskQuotaUnavailable(ServiceUnavailable):
+    """Disk quotas are on, and this gateway cannot mount filesystems where the engine sees them."""
+
+    code = "disk_quota_unavailable"
+
+
+class HostDiskLow(ServiceUnavailable):
+    """The host's free disk is below SANDBOX_MIN_FREE_DISK_MB: no more sandboxes until it is freed."""
+
+    code = "host_disk_low"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import tarfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +15,7 @@ import asyncpg
 
 from . import containers, db
 from .db import Session
+from .disks import Disks
 from .errors import SandboxNotFound, SandboxNotRunning
 from .settings import Settings
 
@@ -31,6 +35,9 @@ class Sandboxes:
         self._settings = settings
         self._pool = pool
         self._docker = docker
+        self._disks = Disks(settings)
+        # Learnt at the first start: the floor on free disk applies to the engine's data root too.
+        self._docker_root: str | None = None
         # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
         self._network_ready = False
         # user -> (published port, when looked up): spares the preview proxy a query per request.
@@ -51,20 +58,38 @@ class Sandboxes:
                     return StartResult(session, created=False)
                 log.info("sandbox of %s is recorded as running but its container is not; restarting", user)
                 await containers.remove_container(self._docker, session.container_id)
+            await self._check_free_space()
             await db.reserve_slot(conn, user, self._settings.max_sandboxes)
             try:
                 if not self._network_ready:
                     async with db.advisory_lock(conn, db.NETWORK_LOCK):
                         await containers.ensure_network(self._docker, self._settings)
                     self._network_ready = True
+                await self._attach_disk(user)
                 started = await containers.create_and_start(self._docker, self._settings, user)
             except BaseException:
                 self._network_ready = False
+                # create_and_start removed what it made, so nothing holds the filesystem.
+                await self._disks.detach(user)
                 await db.mark_stopped(conn, user, "start_failed")
                 raise
             session = await db.mark_running(conn, user, started.id, started.host_port)
             log.info("started sandbox of %s (container %.12s)", user, started.id)
             return StartResult(session, created=True)
+
+    async def _check_free_space(self) -> None:
+        if self._docker_root is None and self._settings.disk.min_free_mb:
+            self._docker_root = await containers.docker_root_dir(self._docker)
+        await asyncio.to_thread(self._disks.check_free_space, self._docker_root)
+
+    async def _attach_disk(self, user: str) -> None:
+        def image_home() -> Awaitable[tarfile.TarFile]:
+            return containers.image_home(self._docker, self._settings)
+
+        def old_workspace() -> Awaitable[str | None]:
+            return containers.old_workspace_folder(self._docker, self._settings, user)
+
+        await self._disks.attach(user, image_home, old_workspace)
 
     async def get(self, user: str) -> Session:
         """The user's session; a container that died from outside (OOM, docker kill) is recorded as
@@ -97,7 +122,12 @@ class Sandboxes:
             if running:
                 assert session is not None
                 await self._stop_locked(conn, user, session, reason)
-            purged = purge and await containers.remove_workspace(self._docker, self._settings, user)
+            purged = purge and any(
+                [
+                    await containers.remove_workspace(self._docker, self._settings, user),
+                    await self._disks.remove(user),
+                ]
+            )
             if not running and not purged:
                 raise SandboxNotFound("you have no running sandbox" + (" and no workspace" if purge else ""))
 
@@ -122,6 +152,7 @@ class Sandboxes:
         # A start that died half-way left no id, only the container's deterministic name.
         target = session.container_id or containers.container_name(self._settings, user)
         await containers.remove_container(self._docker, target)
+        await self._disks.detach(user)
         await db.mark_stopped(conn, user, reason)
         self._ports.pop(user, None)
         log.info("stopped sandbox of %s (%s)", user, reason)
@@ -150,6 +181,20 @@ class Sandboxes:
                     if current is None or current.container_id != container.id:
                         log.info("removing container %.12s of %s: no session owns it", container.id, user)
                         await containers.remove_container(self._docker, container.id)
+                        if current is None or current.state == "stopped":
+                            await self._disks.detach(user)
+        await self._unmount_leftover_disks()
+
+    async def _unmount_leftover_disks(self) -> None:
+        """Unmounts the filesystems of users with no sandbox: left by a gateway that died between a
+        container's removal and its unmount. Re-read under the user's lock, which a start holds
+        from the mount to its record, so a start in progress is never undone."""
+        for user in await self._disks.mounted_users():
+            async with db.connection(self._pool) as conn, db.user_lock(conn, user):
+                current = await db.get_session(conn, user)
+                if current is None or current.state == "stopped":
+                    log.info("unmounting the filesystem of %s: no sandbox uses it", user)
+                    await self._disks.detach(user)
 
     async def running_container(self, user: str) -> str:
         """The id of the user's running container, for exec and friends; counts as activity."""

@@ -4,6 +4,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 "$ROOT/scripts/ensure-venv.sh"
 "$ROOT/scripts/ensure-docker.sh"
+ensure_disk_tools
 "$ROOT/scripts/build-image.sh"
 if [[ -z ${DATABASE_URL:-} ]]; then
     DATABASE_URL=$("$ROOT/scripts/ensure-postgres.sh")
