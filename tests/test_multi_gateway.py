@@ -76,6 +76,8 @@ async def start_gateways(
                 "SANDBOX_IMAGE": settings.sandbox_image,
                 "SANDBOX_MEMORY_MB": "256",
                 "SANDBOX_PIDS": "128",
+                "SANDBOX_DISK_DIR": settings.disk.directory,
+                "SANDBOX_DISK_MB": str(settings.disk.size_mb),
                 "GATEWAY_LOG_LEVEL": "INFO",
                 **env,
             }
