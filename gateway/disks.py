@@ -41,14 +41,14 @@ SANDBOX_UID = 1000
 READY_MARK = ".sandbox-gateway-ready"
 # noinit_itable: the kernel would otherwise zero the inode tables in the background, filling the
 # sparse file with zeros it already reads back as zeros.
-MOUNT_OPTIONS = "loop,nosuid,nodev,noatime,noinit_itable"
+MOUNT_OPTIONS = "nosuid,nodev,noatime,noinit_itable"
 # mkfs.ext4 on a sparse file: no blocks reserved for root (the sandbox is not root, and they would
 # only shrink its quota), an inode per 8 KiB (node_modules is many small files; ext4's default of
 # 16 KiB runs out of inodes first), and inode tables and journal left unwritten, so the file stays
 # sparse (it reads back zeros, which is what lazy initialisation needs).
 MKFS_OPTIONS = ("-q", "-F", "-m", "0", "-i", "8192", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard")
 TOOL_TIMEOUT_S = 120.0
-TOOLS = ("mkfs.ext4", "e2fsck", "resize2fs", "mount", "umount", "cp")
+TOOLS = ("mkfs.ext4", "e2fsck", "resize2fs", "losetup", "mount", "umount", "cp")
 
 HomeTemplate = Callable[[], Awaitable[tarfile.TarFile]]
 OldWorkspace = Callable[[], Awaitable[str | None]]
@@ -208,7 +208,16 @@ class Disks:
         # reach it (the module's docstring): refuse rather than hand out an unbounded folder.
         if await asyncio.to_thread(_has_entries, paths.mountpoint):
             raise DiskFailed(f"{paths.mountpoint} is not empty while unmounted; move its contents away")
-        await run_tool("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, str(paths.image), str(paths.mountpoint))
+        # losetup rather than `mount -o loop`, for direct I/O: the loop device then writes to the image
+        # without a second copy in the page cache, and an fsync inside costs what it costs outside
+        # (256 MiB with conv=fsync: 0.2 s, against 1.5-2 s through the cache).
+        device = (await run_tool("losetup", "--find", "--show", "--direct-io=on", str(paths.image))).strip()
+        try:
+            await run_tool("mount", "-t", "ext4", "-o", MOUNT_OPTIONS, device, str(paths.mountpoint))
+        finally:
+            # On a mounted device this only marks it to go with the unmount (autoclear), as
+            # `mount -o loop` does; on one that failed to mount it detaches it now.
+            await run_tool("losetup", "--detach", device)
 
     async def _initialise(
         self, paths: DiskPaths, home_template: HomeTemplate, old_workspace: OldWorkspace
@@ -256,8 +265,9 @@ async def remove_deployment_disks(directory: str, gateway_name: str) -> None:
     await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
 
 
-async def run_tool(*argv: str, ok_codes: tuple[int, ...] = (0,)) -> None:
-    """Runs a system tool by argv (never through a shell); DiskFailed with its words otherwise."""
+async def run_tool(*argv: str, ok_codes: tuple[int, ...] = (0,)) -> str:
+    """Runs a system tool by argv (never through a shell) and returns what it printed; DiskFailed
+    with its words when it fails."""
     process = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
@@ -266,15 +276,16 @@ async def run_tool(*argv: str, ok_codes: tuple[int, ...] = (0,)) -> None:
     )
     try:
         async with asyncio.timeout(TOOL_TIMEOUT_S):
-            output, _ = await process.communicate()
+            output, errors = await process.communicate()
     except BaseException:
         if process.returncode is None:
             process.kill()
             await process.wait()
         raise
     if process.returncode not in ok_codes:
-        words = output.decode(errors="replace").strip()[-500:]
+        words = (errors or output).decode(errors="replace").strip()[-500:]
         raise DiskFailed(f"{argv[0]} failed (exit {process.returncode}): {words}")
+    return output.decode(errors="replace")
 
 
 def _sparse_file(path: Path, size: int) -> None:

@@ -34,6 +34,14 @@ STATE_DIR = Path(os.environ.get("SANDBOX_GATEWAY_STATE") or Path(__file__).resol
 TEST_DISKS = DiskSettings(size_mb=1024, directory=str(STATE_DIR / "disks"), tmp_mb=64)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Gateways the tests run as processes of their own (`python -m gateway`) inherit these, so that
+    # their filesystems land where the fixtures' clean-up looks too.
+    os.environ["SANDBOX_DISK_DIR"] = TEST_DISKS.directory
+    os.environ["SANDBOX_DISK_MB"] = str(TEST_DISKS.size_mb)
+    os.environ["SANDBOX_TMP_MB"] = str(TEST_DISKS.tmp_mb)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that restart shared infrastructure run last, so that nothing else runs through it."""
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
