@@ -160,9 +160,8 @@ class Disks:
         await unmount(disk_paths(self._settings, user).mountpoint)
 
     async def remove(self, user: str) -> bool:
-        """Deletes the user's filesystem for good (purge); whether there was one."""
-        if not self._settings.disk.quota:
-            return False
+        """Deletes the user's filesystem for good (purge); whether there was one. Also with quotas
+        turned off since: purge deletes whatever the user had."""
         paths = disk_paths(self._settings, user)
         await unmount(paths.mountpoint)
         existed = await asyncio.to_thread(paths.image.exists)
@@ -189,9 +188,12 @@ class Disks:
             # Made under another name and renamed once complete: a crash during mkfs leaves no image
             # that looks ready.
             fresh = paths.image.with_suffix(".new")
-            await asyncio.to_thread(_sparse_file, fresh, size)
-            await run_tool("mkfs.ext4", *MKFS_OPTIONS, str(fresh))
-            await asyncio.to_thread(fresh.rename, paths.image)
+            try:
+                await asyncio.to_thread(_sparse_file, fresh, size)
+                await run_tool("mkfs.ext4", *MKFS_OPTIONS, str(fresh))
+                await asyncio.to_thread(fresh.rename, paths.image)
+            finally:
+                await asyncio.to_thread(fresh.unlink, missing_ok=True)
             log.info("created a %d MiB filesystem for %s", self._settings.disk.size_mb, paths.image.stem)
         elif (await asyncio.to_thread(paths.image.stat)).st_size < size:
             # SANDBOX_DISK_MB grew since: the filesystem grows with it. It never shrinks (resize2fs

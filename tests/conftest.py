@@ -35,11 +35,10 @@ TEST_DISKS = DiskSettings(size_mb=1024, directory=str(STATE_DIR / "disks"), tmp_
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Gateways the tests run as processes of their own (`python -m gateway`) inherit these, so that
-    # their filesystems land where the fixtures' clean-up looks too.
+    # Gateways the tests run as processes of their own (`python -m gateway`) inherit this, so that
+    # their filesystems land where the fixtures' clean-up looks too. (Only this: the Compose test's
+    # shell environment, which this also is, would pass more to its gateway.)
     os.environ["SANDBOX_DISK_DIR"] = TEST_DISKS.directory
-    os.environ["SANDBOX_DISK_MB"] = str(TEST_DISKS.size_mb)
-    os.environ["SANDBOX_TMP_MB"] = str(TEST_DISKS.tmp_mb)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
