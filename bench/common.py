@@ -22,7 +22,8 @@ import aiohttp
 import asyncpg
 
 from gateway.containers import remove_deployment
-from gateway.settings import Settings
+from gateway.egress import EgressGuard
+from gateway.settings import EgressPolicy, Settings
 from gateway.tokens import mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +142,8 @@ async def _wait_healthy(url: str, timeout_s: float = 30.0) -> None:
 async def remove_containers(gateway_name: str) -> None:
     async with aiodocker.Docker() as docker:
         await remove_deployment(docker, gateway_name, DISK_DIR)
+    # Its network is named like the deployment (gateway_env); the gateway leaves its rules behind.
+    await EgressGuard(EgressPolicy(), gateway_name).remove()
 
 
 def summary(samples: Sequence[float]) -> tuple[float, float]:

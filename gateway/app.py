@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiodocker
-import aiohttp
 from aiohttp import web
 
-from . import db
+from . import db, engine
 from .activity import ActivityRecorder
 from .auth import auth_middleware
+from .egress import EgressGuard, install_at_start
 from .errors import GatewayError
 from .execute import ExecRunner
 from .keys import (
     ACTIVITY,
     DB,
     DOCKER,
+    DOCKER_STREAMS,
+    EGRESS,
     EXEC_RUNNER,
     METRICS,
     PREVIEW_GATE,
@@ -27,6 +29,7 @@ from .keys import (
     SANDBOXES,
     SETTINGS,
     SHARES,
+    TERMINAL_LEASES,
     TERMINALS,
     TOKENS,
     UPSTREAM,
@@ -45,14 +48,13 @@ from .sandboxes import Sandboxes
 from .settings import Settings
 from .shares import ShareStore
 from .terminal import close_terminals_on_shutdown
+from .terminal_leases import TerminalLeases
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
 from .websockets import SocketRegistry
 
 log = logging.getLogger(__name__)
 
-# Request/response calls to the engine; exec and attach streams drop the read timeouts themselves.
-DOCKER_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=10)
 # The largest body: an exec with the largest code and stdin, JSON-escaped, with room to spare.
 CLIENT_MAX_SIZE_FLOOR = 1024 * 1024
 # How the application is to be served (web.run_app, AppRunner, TestServer): request bodies stay as the
@@ -114,11 +116,11 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def docker_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    docker = aiodocker.Docker(url=settings.docker_host, timeout=DOCKER_TIMEOUT)
+    docker = engine.connect(app[SETTINGS].docker_host)
     try:
         # Not ensure_network here: the gateway starts, and says 503, while the engine is down.
-        app[DOCKER] = docker
+        app[DOCKER] = docker.calls
+        app[DOCKER_STREAMS] = docker.streams
         yield
     finally:
         await docker.close()
@@ -135,9 +137,13 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER])
-    app[EXEC_RUNNER] = ExecRunner(app[DOCKER], settings.exec)
+    app[EGRESS] = EgressGuard(settings.egress, settings.sandbox_network)
+    # Before anything can start a sandbox; a failure is logged, and every start refused, not fatal.
+    await install_at_start(app[EGRESS])
+    app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER], app[EGRESS])
+    app[EXEC_RUNNER] = ExecRunner(app[DOCKER_STREAMS], settings.exec)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
+    app[TERMINAL_LEASES] = TerminalLeases(app[DB])
     app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)
     app[PREVIEW_HOSTS] = PreviewHosts(app[DB])
@@ -156,4 +162,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     except GatewayError as err:
         # The gateway serves what it can without Docker; the next start reconciles that user anyway.
         log.warning("could not reconcile sessions with Docker at start: %s", err.message)
-    yield
+    renewal = asyncio.create_task(app[TERMINAL_LEASES].renew_forever(), name="terminal-lease-renewal")
+    try:
+        yield
+    finally:
+        renewal.cancel()
+        await asyncio.gather(renewal, return_exceptions=True)

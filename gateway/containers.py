@@ -6,9 +6,11 @@ engine is unavailable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import tarfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -16,8 +18,17 @@ from typing import Any
 
 import aiodocker
 
-from . import disks
-from .errors import DiskQuotaUnavailable, DockerFailed, DockerUnavailable, GatewayError, SandboxStartFailed
+from . import disks, egress
+from .errors import (
+    DiskQuotaUnavailable,
+    DockerFailed,
+    DockerUnavailable,
+    EgressNotEnforced,
+    GatewayError,
+    SandboxNotRunning,
+    SandboxPaused,
+    SandboxStartFailed,
+)
 from .settings import DiskSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -136,9 +147,12 @@ def docker_errors(doing: str, refused: type[DockerFailed] = DockerFailed) -> Ite
 
 async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
     """Creates the sandboxes' bridge network, on which containers cannot talk to each other."""
+    # The egress rules name the bridge (egress.py), so the network gets a name for it, fixed.
+    bridge = egress.bridge_name(settings.sandbox_network)
     with docker_errors("preparing the sandbox network"):
         try:
-            await docker.networks.get(settings.sandbox_network)
+            network = await docker.networks.get(settings.sandbox_network)
+            _check_bridge(await network.show(), bridge, settings)
             return
         except aiodocker.DockerError as err:
             if err.status != 404:
@@ -149,7 +163,10 @@ async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
                     "Name": settings.sandbox_network,
                     "Driver": "bridge",
                     "CheckDuplicate": True,
-                    "Options": {"com.docker.network.bridge.enable_icc": "false"},
+                    "Options": {
+                        "com.docker.network.bridge.enable_icc": "false",
+                        egress.BRIDGE_OPTION: bridge,
+                    },
                     "Labels": {LABEL_GATEWAY: settings.gateway_name},
                 }
             )
@@ -157,6 +174,15 @@ async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
             # Another gateway created it at the same moment.
             if err.status != 409:
                 raise
+
+
+def _check_bridge(info: dict[str, Any], bridge: str, settings: Settings) -> None:
+    if settings.egress.mode != "open" and (info.get("Options") or {}).get(egress.BRIDGE_OPTION) != bridge:
+        # Made by a gateway older than the egress policy: the rules would guard another bridge.
+        raise EgressNotEnforced(
+            f"the network {settings.sandbox_network} has no bridge named {bridge}, which the egress"
+            " rules guard: stop its sandboxes and remove it (docker network rm), the next start makes it"
+        )
 
 
 async def create_and_start(docker: aiodocker.Docker, settings: Settings, user: str) -> StartedContainer:
@@ -202,6 +228,22 @@ async def _create_replacing_leftover(
     return await docker.containers.create(config, name=name)
 
 
+async def running_container(
+    docker: aiodocker.Docker, settings: Settings, user: str
+) -> StartedContainer | None:
+    """The user's container by its name, if it runs: what a start that died half-way may have left."""
+    with docker_errors("inspecting the sandbox container"):
+        try:
+            info = await docker.containers.container(container_name(settings, user)).show()
+        except aiodocker.DockerError as err:
+            if err.status == 404:
+                return None
+            raise
+    if not info["State"]["Running"] or info["State"].get("Paused"):
+        return None
+    return StartedContainer(id=info["Id"], host_port=_published_port(info))
+
+
 def _published_port(info: dict[str, Any]) -> int:
     bindings = info["NetworkSettings"]["Ports"].get(PREVIEW_PORT) or []
     for binding in bindings:
@@ -230,8 +272,11 @@ async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, La
     return found
 
 
-async def death_reason(docker: aiodocker.Docker, container_id: str) -> str | None:
-    """None while the container runs; otherwise why it does not (oom_killed, exited_137, gone)."""
+RUNNING, PAUSED = "running", "paused"
+
+
+async def status(docker: aiodocker.Docker, container_id: str) -> str:
+    """ "running", "paused", or why the container no longer runs (oom_killed, exited_137, container_gone)."""
     with docker_errors("inspecting the sandbox container"):
         try:
             state = (await docker.containers.container(container_id).show())["State"]
@@ -240,10 +285,40 @@ async def death_reason(docker: aiodocker.Docker, container_id: str) -> str | Non
                 return "container_gone"
             raise
     if state["Running"]:
-        return None
+        return PAUSED if state.get("Paused") else RUNNING
     if state.get("OOMKilled"):
         return "oom_killed"
     return f"exited_{state.get('ExitCode')}"
+
+
+@contextmanager
+def exec_errors(doing: str) -> Iterator[None]:
+    """docker_errors for an exec in the sandbox: a container gone or stopped is SandboxNotRunning,
+    a paused one SandboxPaused."""
+    with docker_errors(doing):
+        try:
+            yield
+        except aiodocker.DockerError as err:
+            # 404: the container is gone; 409: it exists but is not running, or is paused.
+            if err.status == 409 and "paused" in str(err.message).lower():
+                raise SandboxPaused() from err
+            if err.status in (404, 409):
+                raise SandboxNotRunning() from err
+            raise
+
+
+# How long an exec's exit code may take to show once its output has ended.
+EXIT_CODE_WAIT_S = 5.0
+
+
+async def exit_code(execution: Any) -> int | None:
+    """The exit code once Docker has noticed the process is gone (a moment after its output ends)."""
+    deadline = time.monotonic() + EXIT_CODE_WAIT_S
+    while True:
+        info = await execution.inspect()
+        if not info["Running"] or time.monotonic() > deadline:
+            return info["ExitCode"] if not info["Running"] else None
+        await asyncio.sleep(0.01)
 
 
 async def remove_workspace(docker: aiodocker.Docker, settings: Settings, user: str) -> bool:

@@ -163,6 +163,20 @@ def user_lock(conn: Connection, user: str) -> AbstractAsyncContextManager[None]:
     return advisory_lock(conn, USER_LOCK_PREFIX + user)
 
 
+@asynccontextmanager
+async def user_lock_if_free(conn: Connection, user: str) -> AsyncIterator[bool]:
+    """The user's lock if nobody holds it, without waiting; yields whether it was taken. For the work
+    of reapers: several gateways skip what another is handling, and a start or stop in progress (whose
+    gateway holds the lock) is never mistaken for one that died."""
+    key = USER_LOCK_PREFIX + user
+    locked = await try_advisory_lock(conn, key)
+    try:
+        yield locked
+    finally:
+        if locked:
+            await advisory_unlock(conn, key)
+
+
 async def get_session(conn: Connection, user: str) -> Session | None:
     record = await conn.fetchrow("SELECT * FROM sessions WHERE user_id = $1", user)
     return Session.from_record(record) if record else None
@@ -187,6 +201,12 @@ async def list_sessions(conn: Connection, *, state: str | None, after: str, limi
     return [Session.from_record(r) for r in records]
 
 
+async def unfinished_users(conn: Connection) -> list[str]:
+    """Users whose session is half-way through a start or a stop, in progress or abandoned."""
+    records = await conn.fetch("SELECT user_id FROM sessions WHERE state IN ('starting', 'stopping')")
+    return [r["user_id"] for r in records]
+
+
 async def count_by_state(conn: Connection) -> dict[str, int]:
     records = await conn.fetch("SELECT state, count(*) AS n FROM sessions GROUP BY state")
     return {r["state"]: r["n"] for r in records}
@@ -209,11 +229,24 @@ async def reserve_slot(conn: Connection, user: str, max_sandboxes: int) -> None:
     """Marks the user's session as starting if the global cap allows one more active sandbox.
 
     The capacity lock serialises only this count-and-insert, a few milliseconds, not the start itself.
+    A start counts only while its gateway holds the user's lock: one whose gateway died, or lost its
+    connection in a PostgreSQL restart, left its row in `starting` and no lock behind, and must not
+    hold a slot until a reaper resolves it (Sandboxes.resolve_unfinished).
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", CAPACITY_LOCK)
         active = await conn.fetchval(
-            "SELECT count(*) FROM sessions WHERE state IN ('starting', 'running') AND user_id <> $1", user
+            """
+            SELECT count(*) FROM sessions s
+            WHERE s.user_id <> $1 AND (s.state = 'running' OR (s.state = 'starting' AND EXISTS (
+                -- pg_advisory_lock(bigint) keeps the key's high and low 32 bits in classid and objid.
+                SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                  AND ((l.classid::bigint << 32) | l.objid::bigint)
+                      = hashtextextended($2 || s.user_id, 0))))
+            """,
+            user,
+            USER_LOCK_PREFIX,
         )
         if active >= max_sandboxes:
             raise CapacityExhausted(
@@ -306,6 +339,27 @@ async def forget_rate_limits(conn: Connection) -> int:
     """Deletes the rows of buckets that are full again anyway; how many."""
     status: str = await conn.execute("DELETE FROM rate_limits WHERE tat < now() - interval '1 hour'")
     return int(status.split()[-1])
+
+
+async def lease_terminal(conn: Connection, run_id: str, user: str) -> None:
+    await conn.execute("INSERT INTO terminal_leases (run_id, user_id) VALUES ($1, $2)", run_id, user)
+
+
+async def renew_terminal_leases(conn: Connection, run_ids: list[str]) -> None:
+    await conn.execute("UPDATE terminal_leases SET renewed_at = now() WHERE run_id = ANY($1)", run_ids)
+
+
+async def end_terminal_lease(conn: Connection, run_id: str) -> None:
+    await conn.execute("DELETE FROM terminal_leases WHERE run_id = $1", run_id)
+
+
+async def expired_terminal_leases(conn: Connection, expire_s: float) -> list[tuple[str, str]]:
+    """(run id, user) of every terminal whose gateway has not renewed its lease for expire_s."""
+    records = await conn.fetch(
+        "SELECT run_id, user_id FROM terminal_leases WHERE renewed_at < now() - make_interval(secs => $1)",
+        float(expire_s),
+    )
+    return [(r["run_id"], r["user_id"]) for r in records]
 
 
 async def ping(conn: Connection) -> None:

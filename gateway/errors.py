@@ -9,6 +9,7 @@
     ├── ShareNotFound                 404 share_not_found
     ├── RequestTimeout                408 request_timeout
     ├── SandboxNotRunning             409 sandbox_not_running
+    │   └── SandboxPaused                 sandbox_paused
     ├── ProjectExists                 409 project_exists
     ├── TooManyShares                 409 too_many_shares
     ├── PayloadTooLarge               413 payload_too_large
@@ -22,6 +23,7 @@
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
         ├── DatabaseUnavailable           database_unavailable
+        ├── EgressNotEnforced             egress_not_enforced
         ├── DiskQuotaUnavailable          disk_quota_unavailable
         └── HostDiskLow                   host_disk_low
 
@@ -93,6 +95,14 @@ class SandboxNotRunning(GatewayError):
     default_message = "your sandbox is not running; start it with POST /api/sandbox"
 
 
+class SandboxPaused(SandboxNotRunning):
+    code = "sandbox_paused"
+    default_message = (
+        "your sandbox is paused (docker pause, by whoever runs this gateway): nothing in it can run until"
+        " it is unpaused; stopping it with DELETE /api/sandbox keeps your files"
+    )
+
+
 class ProjectExists(GatewayError):
     status = 409
     code = "project_exists"
@@ -160,6 +170,13 @@ class DockerUnavailable(ServiceUnavailable):
 
 class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
+
+
+class EgressNotEnforced(ServiceUnavailable):
+    """The kernel rules that SANDBOX_NETWORK_MODE needs are missing or wrong: no sandbox starts
+    until they are back (egress.py)."""
+
+    code = "egress_not_enforced"
 
 
 class DiskQuotaUnavailable(ServiceUnavailable):

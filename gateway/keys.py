@@ -7,6 +7,7 @@ import asyncpg
 from aiohttp import web
 
 from .activity import ActivityRecorder
+from .egress import EgressGuard
 from .execute import ExecRunner
 from .metrics import Metrics
 from .preview_access import PreviewGate
@@ -15,16 +16,22 @@ from .preview_sessions import PreviewSessions
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .shares import ShareStore
+from .terminal_leases import TerminalLeases
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
 from .websockets import SocketRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", asyncpg.Pool)
+# The engine's two clients (engine.py): calls that answer at once, and runs' and terminals' streams.
 DOCKER = web.AppKey("docker", aiodocker.Docker)
+DOCKER_STREAMS = web.AppKey("docker_streams", aiodocker.Docker)
 SANDBOXES = web.AppKey("sandboxes", Sandboxes)
+# Installs and checks the egress policy's kernel rules.
+EGRESS = web.AppKey("egress", EgressGuard)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
+TERMINAL_LEASES = web.AppKey("terminal_leases", TerminalLeases)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)
 # Preview sessions, signed with a key from gateway_secrets.
 PREVIEW_SESSIONS = web.AppKey("preview_sessions", PreviewSessions)

@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
 from .errors import GatewayError, PreviewNotFound
-from .keys import METRICS, PREVIEW_GATE, ROUTE_LABEL, SETTINGS, UPSTREAM
+from .keys import METRICS, PREVIEW_GATE, ROUTE_LABEL, SANDBOXES, SETTINGS, UPSTREAM
 from .preview_access import (
     RESERVED_PREFIX,
     ROOT_ROUTE_LABEL,
@@ -74,9 +74,20 @@ async def serve(request: web.Request, route: Route, seen: PreviewRequest) -> web
         return _stopped(request, stopped)
     except GatewayError as err:
         return _error(request, err)
-    if seen.upgrade:
-        return await _proxy_websocket(request, admitted)
-    return await _proxy_http(request, admitted)
+    try:
+        if seen.upgrade:
+            return await _proxy_websocket(request, admitted)
+        return await _proxy_http(request, admitted)
+    except DevServerUnreachable:
+        # A sandbox killed from outside (docker kill, OOM) closes its port too: that is said as
+        # what it is, and recorded, rather than as a dev server that is not listening yet.
+        if await request.app[SANDBOXES].has_stopped(admitted.user):
+            return _stopped(request, StoppedPreview(route, admitted.viewer))
+        return _not_listening(request, admitted.prefix)
+
+
+class DevServerUnreachable(Exception):
+    """Nothing answered on the sandbox's port."""
 
 
 async def _proxy_http(request: web.Request, target: Admitted) -> web.StreamResponse:
@@ -100,7 +111,7 @@ async def _proxy_http(request: web.Request, target: Admitted) -> web.StreamRespo
         return web.Response(status=504, body=page, headers={hdrs.CONTENT_TYPE: content_type})
     except UpstreamError as err:
         log.info("preview upstream %s failed: %s", target.port, err)
-        return _not_listening(request, target.prefix)
+        raise DevServerUnreachable() from err
     answer = CIMultiDict(response_headers(upstream.headers, target.prefix))
     if request.method != "HEAD" and upstream.status not in BODILESS_STATUSES:
         whole = upstream.complete_body()
@@ -134,8 +145,8 @@ async def _proxy_websocket(request: web.Request, target: Admitted) -> web.Stream
     )
     try:
         answer = await upgrade_upstream(target.port, head)
-    except UpgradeRefused:
-        return _not_listening(request, target.prefix)
+    except UpgradeRefused as err:
+        raise DevServerUnreachable() from err
     if answer.status != 101:
         # The dev server refused (wrong path, bad token, no such subprotocol): pass its status on.
         return web.Response(

@@ -17,6 +17,7 @@ from .execute import ExecResult
 from .keys import (
     DB,
     DOCKER,
+    EGRESS,
     EXEC_RUNNER,
     METRICS,
     OPENAPI_DOCUMENT,
@@ -101,12 +102,20 @@ def _count_exec(metrics: Metrics, language: str, result: ExecResult) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness, plus whether Docker and PostgreSQL answer; 503 when either does not."""
-    docker_ok, database_ok = await asyncio.gather(
-        _answers(containers.ping(request.app[DOCKER])), _answers(_ping_database(request))
+    """Liveness, plus whether Docker and PostgreSQL answer and the egress rules hold; 503 when one
+    does not (no sandbox could start)."""
+    docker_ok, database_ok, egress_ok = await asyncio.gather(
+        _answers(containers.ping(request.app[DOCKER])),
+        _answers(_ping_database(request)),
+        request.app[EGRESS].holds_recently(),
     )
-    ok = docker_ok and database_ok
-    body = {"status": "ok" if ok else "degraded", "docker": docker_ok, "database": database_ok}
+    ok = docker_ok and database_ok and egress_ok
+    body = {
+        "status": "ok" if ok else "degraded",
+        "docker": docker_ok,
+        "database": database_ok,
+        "egress": egress_ok,
+    }
     return web.json_response(body, status=200 if ok else 503)
 
 

@@ -7,7 +7,7 @@ import logging
 import tarfile
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import aiodocker
@@ -16,7 +16,8 @@ import asyncpg
 from . import containers, db
 from .db import Session
 from .disks import Disks
-from .errors import SandboxNotFound, SandboxNotRunning
+from .egress import EgressGuard
+from .errors import GatewayError, SandboxNotFound, SandboxNotRunning, SandboxPaused
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,20 @@ class StartResult:
 
 
 class Sandboxes:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, docker: aiodocker.Docker) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        docker: aiodocker.Docker,
+        egress: EgressGuard | None = None,
+    ) -> None:
         self._settings = settings
         self._pool = pool
         self._docker = docker
         self._disks = Disks(settings)
         # Learnt at the first start: the floor on free disk applies to the engine's data root too.
         self._docker_root: str | None = None
+        self._egress = egress or EgressGuard(settings.egress, settings.sandbox_network)
         # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
         self._network_ready = False
         # user -> (published port, when looked up): spares the preview proxy a query per request.
@@ -54,11 +62,17 @@ class Sandboxes:
         async with db.connection(self._pool) as conn, db.user_lock(conn, user):
             session = await db.get_session(conn, user)
             if session and session.state == "running" and session.container_id:
-                if await containers.death_reason(self._docker, session.container_id) is None:
+                now = await containers.status(self._docker, session.container_id)
+                if now == containers.RUNNING:
                     return StartResult(session, created=False)
+                if now == containers.PAUSED:
+                    # Paused from outside, on purpose or not: not ours to undo, nor to replace.
+                    raise SandboxPaused()
                 log.info("sandbox of %s is recorded as running but its container is not; restarting", user)
                 await containers.remove_container(self._docker, session.container_id)
             await self._check_free_space()
+            # Read from the kernel at every start: rules flushed since (a firewall reload) stop starts.
+            await self._egress.require()
             await db.reserve_slot(conn, user, self._settings.max_sandboxes)
             try:
                 if not self._network_ready:
@@ -93,17 +107,30 @@ class Sandboxes:
 
     async def get(self, user: str) -> Session:
         """The user's session; a container that died from outside (OOM, docker kill) is recorded as
-        stopped, with why, the moment anyone looks."""
+        stopped, with why, the moment anyone looks, and a paused one shows as `paused` (which only
+        Docker knows: the row stays `running`)."""
         async with db.connection(self._pool) as conn:
             session = await db.get_session(conn, user)
         if session is None:
             raise SandboxNotFound("you have no sandbox; start one with POST /api/sandbox")
         if session.state == "running" and session.container_id:
-            death = await containers.death_reason(self._docker, session.container_id)
-            if death is not None:
-                await self._record_death(user, session.container_id, death)
+            now = await containers.status(self._docker, session.container_id)
+            if now == containers.PAUSED:
+                return replace(session, state=containers.PAUSED)
+            if now != containers.RUNNING:
+                await self._record_death(user, session.container_id, now)
                 return await self.get(user)
         return session
+
+    async def has_stopped(self, user: str) -> bool:
+        """Whether the user's sandbox is not running, as `get` finds it (recording a death from
+        outside); False when that cannot be told (the engine or the database away)."""
+        try:
+            return (await self.get(user)).state not in ("running", containers.PAUSED)
+        except SandboxNotFound:
+            return True
+        except GatewayError:
+            return False
 
     async def _record_death(self, user: str, container_id: str, reason: str) -> None:
         async with db.connection(self._pool) as conn, db.user_lock(conn, user):
@@ -134,18 +161,36 @@ class Sandboxes:
     async def stop_if_idle(self, user: str, idle_timeout_s: float) -> bool:
         """Stops the sandbox if it is still idle once we hold its lock; never waits for the lock, so
         that reapers on several gateways skip what another is already handling."""
-        async with db.connection(self._pool) as conn:
-            if not await db.try_advisory_lock(conn, db.USER_LOCK_PREFIX + user):
+        async with db.connection(self._pool) as conn, db.user_lock_if_free(conn, user) as locked:
+            if not locked:
                 return False
-            try:
-                session = await db.get_session(conn, user)
-                idle_since = datetime.now(UTC) - timedelta(seconds=idle_timeout_s)
-                if session is None or session.state != "running" or session.last_activity > idle_since:
-                    return False
-                await self._stop_locked(conn, user, session, "idle")
-                return True
-            finally:
-                await db.advisory_unlock(conn, db.USER_LOCK_PREFIX + user)
+            session = await db.get_session(conn, user)
+            idle_since = datetime.now(UTC) - timedelta(seconds=idle_timeout_s)
+            if session is None or session.state != "running" or session.last_activity > idle_since:
+                return False
+            await self._stop_locked(conn, user, session, "idle")
+            return True
+
+    async def resolve_unfinished(self, user: str) -> str | None:
+        """Finishes a start or a stop that a crash or an outage left half-done: a row in `starting`
+        whose container runs is adopted as running, any other is stopped (its container, if any,
+        removed); a row in `stopping` is stopped. What it did ("adopted", "stopped"), or None.
+
+        A start or stop genuinely in progress holds the user's lock, so one whose lock is free died
+        with its gateway or its database connection; a held lock is left alone."""
+        async with db.connection(self._pool) as conn, db.user_lock_if_free(conn, user) as locked:
+            session = await db.get_session(conn, user) if locked else None
+            if session is None or session.state not in ("starting", "stopping"):
+                return None
+            if session.state == "starting":
+                found = await containers.running_container(self._docker, self._settings, user)
+                if found is not None:
+                    await db.mark_running(conn, user, found.id, found.host_port)
+                    log.info("adopted the sandbox of %s, whose start was interrupted", user)
+                    return "adopted"
+            reason = "start_interrupted" if session.state == "starting" else session.stop_reason
+            await self._stop_locked(conn, user, session, reason or "stop_interrupted")
+            return "stopped"
 
     async def _stop_locked(self, conn: db.Connection, user: str, session: Session, reason: str) -> None:
         await db.mark_stopping(conn, user, reason)
@@ -158,14 +203,19 @@ class Sandboxes:
         log.info("stopped sandbox of %s (%s)", user, reason)
 
     async def reconcile(self) -> None:
-        """Makes PostgreSQL and Docker agree after a restart: a running labelled container with a
-        session is adopted as it is; one without is removed; a session whose container is gone is
-        marked stopped. Nothing depends on the memory of an earlier process.
+        """Makes PostgreSQL and Docker agree after a restart: starts and stops left half-done are
+        resolved; a running labelled container with a session is adopted as it is; one without is
+        removed; a session whose container is gone is marked stopped. Nothing depends on the memory
+        of an earlier process.
 
         The sessions are read before the containers are listed: another gateway may start a sandbox
         in between, and a session read after the listing would name a container the listing missed,
         which would then pass for gone. Read first, anything started since is simply not looked at,
         and whatever changed since is re-read under the user's lock."""
+        async with db.connection(self._pool) as conn:
+            unfinished = await db.unfinished_users(conn)
+        for user in unfinished:
+            await self.resolve_unfinished(user)
         async with db.connection(self._pool) as conn:
             active = {s.user: s for s in await db.active_sessions(conn)}
         found = await containers.labelled(self._docker, self._settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -22,6 +23,41 @@ PREVIEW_DOMAIN = re.compile(
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+NETWORK_MODES = ("none", "public", "open")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EgressPolicy:
+    """What a sandbox may reach (README, "Egress policy"); the rules that enforce it: egress.py."""
+
+    # none: nothing; public: the internet but not the host, link-local or private ranges; open: all.
+    mode: str = "public"
+    # Holes in what `public` blocks (an internal package mirror), and blocks on top of it.
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    # The resolvers Docker's embedded DNS forwards to, reachable on port 53 in `public` mode (they are
+    # often private addresses). None: the host's, from /etc/resolv.conf, read when rules are made.
+    dns: tuple[IPAddress, ...] | None = None
+    # Whether the gateway installs the rules at start (it needs CAP_NET_ADMIN); off: the set-up does.
+    install: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> EgressPolicy:
+        return cls(
+            mode=_choice(env, "SANDBOX_NETWORK_MODE", "public", NETWORK_MODES),
+            allow=_networks(env, "SANDBOX_EGRESS_ALLOW"),
+            deny=_networks(env, "SANDBOX_EGRESS_DENY"),
+            dns=_addresses(env, "SANDBOX_EGRESS_DNS") if "SANDBOX_EGRESS_DNS" in env else None,
+            install=_choice(env, "SANDBOX_EGRESS_INSTALL", "auto", ("auto", "off")) == "auto",
+        )
+
+    def __post_init__(self) -> None:
+        if self.mode not in NETWORK_MODES:
+            raise SettingsError(f"SANDBOX_NETWORK_MODE must be one of {', '.join(NETWORK_MODES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +130,7 @@ class Settings:
     # last_activity is written at most this often per user (and per terminal) by ordinary use.
     activity_interval_s: float = 5.0
     exec: ExecSettings = ExecSettings()
+    egress: EgressPolicy = EgressPolicy()
     # Where browsers reach the page and API. Previews are served on a sibling origin of the same domain
     # and port (README, "Preview isolation"), which is why the default is a name, not 127.0.0.1.
     public_url: str = "http://sandbox.localhost:8080"
@@ -201,6 +238,7 @@ class Settings:
                 max_stdin_bytes=_int(env, "EXEC_MAX_STDIN_BYTES", 1024 * 1024, minimum=0),
                 max_concurrent_per_user=_int(env, "EXEC_MAX_CONCURRENT_PER_USER", 4, minimum=1),
             ),
+            egress=EgressPolicy.from_env(env),
             public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/") or _default_public_url(env),
             preview_url=(env.get("GATEWAY_PREVIEW_URL") or "").rstrip("/") or None,
             preview_domain=env.get("GATEWAY_PREVIEW_DOMAIN", "").strip().rstrip("/") or None,
@@ -308,6 +346,32 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if value not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    """A comma-separated list of CIDRs (IPv4 or IPv6; a bare address is one host)."""
+    networks = []
+    for item in env.get(name, "").split(","):
+        if not item.strip():
+            continue
+        try:
+            # strict: 10.1.2.3/8 is a typo for something, not 10.0.0.0/8.
+            networks.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError as err:
+            raise SettingsError(f"{name}: {item.strip()!r} is not a CIDR ({err})") from None
+    return tuple(networks)
+
+
+def _addresses(env: Mapping[str, str], name: str) -> tuple[IPAddress, ...]:
+    addresses = []
+    for item in env.get(name, "").split(","):
+        if not item.strip():
+            continue
+        try:
+            addresses.append(ipaddress.ip_address(item.strip()))
+        except ValueError:
+            raise SettingsError(f"{name}: {item.strip()!r} is not an IP address") from None
+    return tuple(addresses)
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -25,14 +25,16 @@ from enum import IntEnum
 from typing import Any
 
 import aiodocker
+import asyncpg
 from aiodocker.stream import Stream
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from . import db, terminal_leases
 from .activity import Seen
 from .auth import check_origin
-from .containers import docker_errors
+from .containers import exec_errors, exit_code
 from .errors import GatewayError, SandboxNotRunning
-from .keys import ACTIVITY, DOCKER, SANDBOXES, SETTINGS, TERMINALS, USER
+from .keys import ACTIVITY, DOCKER_STREAMS, SANDBOXES, SETTINGS, TERMINAL_LEASES, TERMINALS, USER
 from .sandboxes import Sandboxes
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ HEARTBEAT_S = 30.0
 HANGUP_TIMEOUT_S = 10.0
 MAX_CONTROL_MESSAGE = 1024
 SHELL = ["bash", "-l"]
+# A shell's exit status from this up: it was killed by a signal (128 + the signal's number).
+SIGNAL_EXIT = 128
 
 
 class CloseCode(IntEnum):
@@ -81,7 +85,7 @@ async def _serve(
     request: web.Request, ws: web.WebSocketResponse, user: str, size: tuple[int, int] | None
 ) -> None:
     sandboxes = request.app[SANDBOXES]
-    docker = request.app[DOCKER]
+    docker = request.app[DOCKER_STREAMS]
     try:
         container_id = await sandboxes.running_container(user)
     except SandboxNotRunning as err:
@@ -89,8 +93,10 @@ async def _serve(
         return
     run_id = secrets.token_hex(16)
     container = docker.containers.container(container_id)
+    leases = request.app[TERMINAL_LEASES]
+    shell_status: int | None = None
     try:
-        with docker_errors("opening a terminal"):
+        with exec_errors("opening a terminal"):
             execution = await container.exec(
                 SHELL,
                 stdin=True,
@@ -99,16 +105,18 @@ async def _serve(
                 workdir="/workspace",
                 environment={"TERM": "xterm-256color", "SANDBOX_RUN_ID": run_id},
             )
-            async with execution.start(detach=False) as stream:
+            async with leases.held(run_id, user), execution.start(detach=False) as stream:
                 if size:
                     await execution.resize(w=size[0], h=size[1])
                 code, reason = await _bridge(ws, stream, execution, Seen(request.app[ACTIVITY], user))
+            if code == CloseCode.SHELL_EXITED:
+                shell_status = await exit_code(execution)
     except GatewayError as err:
         code, reason = CloseCode.SANDBOX_NOT_RUNNING, err.message
     finally:
         await _hang_up(container, run_id)
-    if code == CloseCode.SHELL_EXITED and not await _still_running(sandboxes, user):
-        code, reason = CloseCode.SANDBOX_STOPPED, await _stop_reason(sandboxes, user)
+    if code == CloseCode.SHELL_EXITED and (stopped := await _why_stopped(sandboxes, user, shell_status)):
+        code, reason = CloseCode.SANDBOX_STOPPED, stopped
     await ws.close(code=code, message=reason.encode()[:120])
 
 
@@ -184,6 +192,24 @@ def _valid_size(cols: object, rows: object) -> tuple[int, int] | None:
     return (cols, rows) if valid else None  # type: ignore[return-value]
 
 
+async def hang_up_orphans(pool: asyncpg.Pool, sandboxes: Sandboxes, docker: aiodocker.Docker) -> int:
+    """Hangs up the shells whose gateway stopped renewing their leases (it died); how many."""
+    async with db.connection(pool) as conn:
+        expired = await db.expired_terminal_leases(conn, terminal_leases.EXPIRE_S)
+    for run_id, user in expired:
+        try:
+            container_id = await sandboxes.running_container(user)
+        except SandboxNotRunning:
+            pass  # stopped since: nothing of the shell is left
+        else:
+            await _hang_up(docker.containers.container(container_id), run_id)
+        async with db.connection(pool) as conn:
+            await db.end_terminal_lease(conn, run_id)
+    if expired:
+        log.info("hung up %d terminals whose gateway is gone", len(expired))
+    return len(expired)
+
+
 async def _hang_up(container: Any, run_id: str) -> None:
     """Ends the shell and its jobs the way a closed terminal does (SIGHUP); nohup'd work survives."""
     with suppress(aiodocker.DockerError, TimeoutError):
@@ -193,15 +219,20 @@ async def _hang_up(container: Any, run_id: str) -> None:
                 pass
 
 
-async def _still_running(sandboxes: Sandboxes, user: str) -> bool:
-    try:
-        await sandboxes.running_container(user)
-    except GatewayError:
-        return False
-    return True
+# After `docker kill`, the shell's stream ends a moment before the engine shows the container as
+# exited: a shell that died of a signal gives the engine this long to tell.
+DEATH_NOTICE_S = 2.0
 
 
-async def _stop_reason(sandboxes: Sandboxes, user: str) -> str:
+async def _why_stopped(sandboxes: Sandboxes, user: str, shell_status: int | None) -> str | None:
+    """Why the sandbox stopped under the shell that just ended, or None if it still runs."""
+    deadline = asyncio.get_running_loop().time() + (
+        DEATH_NOTICE_S if shell_status is None or shell_status >= SIGNAL_EXIT else 0
+    )
+    while not await sandboxes.has_stopped(user):
+        if asyncio.get_running_loop().time() >= deadline:
+            return None
+        await asyncio.sleep(0.05)
     try:
         session = await sandboxes.get(user)
     except GatewayError:

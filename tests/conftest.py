@@ -23,8 +23,10 @@ from playwright.async_api import Browser, Page, async_playwright
 
 from gateway.app import SERVER_OPTIONS, create_app
 from gateway.containers import remove_deployment
-from gateway.settings import DiskSettings, ExecSettings, SandboxLimits, Settings
+from gateway.egress import EgressGuard
+from gateway.settings import DiskSettings, EgressPolicy, ExecSettings, SandboxLimits, Settings
 
+from .gateway_processes import http, start_gateways  # noqa: F401 (fixtures, registered here)
 from .helpers import JWT_SECRET, GatewayTestServer, MakeClient, free_port
 
 SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest")
@@ -187,6 +189,8 @@ async def settings(database_url: str, docker: aiodocker.Docker, gateway_name: st
         exec=ExecSettings(),
     )
     await remove_deployment(docker, gateway_name, TEST_DISKS.directory)
+    # The gateway leaves its rules in place when it stops (its sandboxes outlive it); tests do not.
+    await EgressGuard(EgressPolicy(), gateway_name).remove()
 
 
 @pytest.fixture

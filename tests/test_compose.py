@@ -21,7 +21,8 @@ import aiohttp
 import pytest
 
 from gateway.containers import LABEL_GATEWAY, LABEL_USER, remove_deployment
-from gateway.settings import Settings
+from gateway.egress import EgressGuard
+from gateway.settings import EgressPolicy, Settings
 from gateway.tokens import mint_token
 
 from .helpers import free_port
@@ -114,8 +115,10 @@ async def composed(tmp_path: Path, docker: aiodocker.Docker) -> AsyncIterator[De
         yield Deployment(project=project, port=port, jwt_secret=jwt_secret)
     finally:
         down_code, down_output = await run(["scripts/compose.sh", "down", "-v"], env, DOWN_TIMEOUT_S)
-        # A stopped gateway leaves its sandboxes running (a restart adopts them): remove them here.
+        # A stopped gateway leaves its sandboxes running (a restart adopts them), and its egress
+        # rules with them: remove both here.
         await remove_deployment(docker, project)
+        await EgressGuard(EgressPolicy(), project).remove()
     assert down_code == 0, f"compose down failed:\n{down_output[-4000:]}"
 
 
@@ -144,7 +147,7 @@ async def check_deployment(deployment: Deployment, docker: aiodocker.Docker) -> 
     async with aiohttp.ClientSession(f"http://127.0.0.1:{deployment.port}", timeout=timeout) as http:
         async with http.get("/healthz") as response:
             assert response.status == 200
-            assert await response.json() == {"status": "ok", "docker": True, "database": True}
+            assert await response.json() == {"status": "ok", "docker": True, "database": True, "egress": True}
         async with http.post("/api/sandbox", headers=headers) as response:
             assert response.status == 201, await response.text()
             assert (await response.json())["state"] == "running"

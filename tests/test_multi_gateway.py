@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,117 +19,12 @@ from gateway.containers import LABEL_GATEWAY, LABEL_USER, container_name
 from gateway.keys import DB, SANDBOXES
 from gateway.settings import Settings
 
-from .helpers import JWT_SECRET, MakeClient, auth, free_port, poll
-from .test_terminal import Screen
+from .gateway_processes import GatewayProcess, StartGateways, call, open_terminal, stop
+from .helpers import MakeClient, auth, poll
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
 UPSTREAM_JS = Path(__file__).parent / "fixtures" / "upstream.js"
-TERMINAL = "/api/sandbox/terminal"
-TERMINAL_PROTOCOL = "sandbox-terminal.v1"
-
-
-@dataclass
-class GatewayProcess:
-    """One `python -m gateway`; everything it logs goes to `log`."""
-
-    name: str
-    url: str
-    process: asyncio.subprocess.Process
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-StartGateways = Callable[..., Awaitable[list[GatewayProcess]]]
-
-
-@pytest.fixture
-async def start_gateways(
-    settings: Settings, tmp_path: Path, http: aiohttp.ClientSession
-) -> AsyncIterator[StartGateways]:
-    """Starts gateway processes that share the test's database, deployment name, network and JWT
-    secret, each on its own port: what a load balancer would have behind it. They share the public
-    URL too, as they would behind one. Stopped in `finally`; the `settings` fixture removes the
-    containers they made."""
-    started: list[GatewayProcess] = []
-
-    async def start(*names: str, **env: str) -> list[GatewayProcess]:
-        gateways = []
-        for name in names:
-            port = free_port()
-            environment = {
-                **os.environ,
-                "GATEWAY_HOST": "127.0.0.1",
-                "GATEWAY_PORT": str(port),
-                "GATEWAY_PUBLIC_URL": settings.public_url,
-                "GATEWAY_JWT_SECRET": JWT_SECRET,
-                "DATABASE_URL": settings.database_url,
-                "GATEWAY_NAME": settings.gateway_name,
-                "SANDBOX_NETWORK": settings.sandbox_network,
-                "SANDBOX_IMAGE": settings.sandbox_image,
-                "SANDBOX_MEMORY_MB": "256",
-                "SANDBOX_PIDS": "128",
-                "GATEWAY_LOG_LEVEL": "INFO",
-                **env,
-            }
-            log = tmp_path / f"gateway-{name}.log"
-            with log.open("wb") as sink:
-                process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "gateway", env=environment, stdout=sink, stderr=sink
-                )
-            gateway = GatewayProcess(name, f"http://127.0.0.1:{port}", process, log)
-            started.append(gateway)
-            gateways.append(gateway)
-        for gateway in gateways:
-            await _wait_healthy(http, gateway)
-        return gateways
-
-    try:
-        yield start
-    finally:
-        for gateway in started:
-            await _stop(gateway)
-
-
-async def _wait_healthy(http: aiohttp.ClientSession, gateway: GatewayProcess) -> None:
-    async def healthy() -> bool:
-        if gateway.process.returncode is not None:
-            pytest.fail(f"gateway {gateway.name} exited at start:\n{gateway.log_text()}")
-        try:
-            async with http.get(f"{gateway.url}/healthz") as response:
-                return response.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    await poll(healthy, timeout_s=30, interval_s=0.1)
-
-
-async def _stop(gateway: GatewayProcess) -> None:
-    if gateway.process.returncode is None:
-        gateway.process.send_signal(signal.SIGINT)
-        try:
-            await asyncio.wait_for(gateway.process.wait(), 20)
-        except TimeoutError:
-            gateway.process.kill()
-            await gateway.process.wait()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def call(
-    http: aiohttp.ClientSession, gateway: GatewayProcess, method: str, path: str, user: str, **kwargs: Any
-) -> tuple[int, Any]:
-    """One API request as `user`; the status and the JSON body (None when there is none)."""
-    headers = {**auth(user), **kwargs.pop("headers", {})}
-    async with http.request(method, f"{gateway.url}{path}", headers=headers, **kwargs) as response:
-        body = await response.json() if response.content_type == "application/json" else None
-        return response.status, body
 
 
 async def state(http: aiohttp.ClientSession, gateway: GatewayProcess, user: str) -> tuple[str, str | None]:
@@ -196,14 +86,6 @@ async def preview_get(
     async with http.get(preview_url(gateway, user, path), headers=sent, allow_redirects=False) as response:
         await response.read()
         return response.status
-
-
-async def open_terminal(http: aiohttp.ClientSession, gateway: GatewayProcess, user: str) -> Screen:
-    ws = await http.ws_connect(f"{gateway.url}{TERMINAL}", headers=auth(user), protocols=[TERMINAL_PROTOCOL])
-    terminal = Screen(ws)
-    await ws.send_bytes(b"echo READY-$((40+2)) $SANDBOX_USER\r")
-    await terminal.expect(f"READY-42 {user}".encode(), timeout_s=15)
-    return terminal
 
 
 async def test_a_sandbox_started_through_one_gateway_is_served_by_the_other(
@@ -275,7 +157,7 @@ async def test_a_sandbox_started_through_one_gateway_is_served_by_the_other(
 
     # No state of record lives in a process: with A gone, B serves what A started.
     assert (await call(http, a, "POST", "/api/sandbox", "bob"))[0] == 201
-    await _stop(a)
+    await stop(a)
     assert a.process.returncode is not None
     status, result = await run(http, b, "bob", "echo still here")
     assert (status, result["stdout"]) == (200, "still here\n")

@@ -20,14 +20,14 @@ pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 async def test_healthz_reports_docker_and_database(client: TestClient) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
-    assert await response.json() == {"status": "ok", "docker": True, "database": True}
+    assert await response.json() == {"status": "ok", "docker": True, "database": True, "egress": True}
 
 
 async def test_without_docker_the_gateway_runs_and_says_503(make_client: MakeClient) -> None:
     client = await make_client(docker_host="unix:///nonexistent/docker.sock")
     response = await client.get("/healthz")
     assert response.status == 503
-    assert await response.json() == {"status": "degraded", "docker": False, "database": True}
+    assert await response.json() == {"status": "degraded", "docker": False, "database": True, "egress": True}
     start = await client.post("/api/sandbox", headers=auth("alice"))
     assert start.status == 503
     assert (await start.json())["error"]["code"] == "docker_unavailable"
