@@ -18,9 +18,9 @@ import time
 import aiodocker
 import aiohttp
 
-from gateway import containers
 from gateway.containers import container_config
 from gateway.disks import Disks
+from gateway.sandboxes import attach_disk
 
 from .common import Gateway, report, running_gateway
 
@@ -53,11 +53,7 @@ async def main(runs: int) -> None:
         await through_api(session, gateway, headers)
         settings = gateway.settings
         disks = Disks(settings)
-        await disks.attach(
-            "bench-direct",
-            lambda: containers.image_home(docker, settings),
-            lambda: containers.old_workspace_folder(docker, settings, "bench-direct"),
-        )
+        await attach_disk(disks, docker, settings, "bench-direct")
         await direct(docker, gateway, "bench-direct")
         api, baseline = [], []
         for _ in range(runs):

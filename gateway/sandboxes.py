@@ -31,6 +31,19 @@ class StartResult:
     created: bool
 
 
+async def attach_disk(disks: Disks, docker: aiodocker.Docker, settings: Settings, user: str) -> None:
+    """Mounts the user's filesystem (disks.py) as a start does, asking the engine for the image's
+    home folder and an old workspace volume when the filesystem is new."""
+
+    def image_home() -> Awaitable[tarfile.TarFile]:
+        return containers.image_home(docker, settings)
+
+    def old_workspace() -> Awaitable[str | None]:
+        return containers.old_workspace_folder(docker, settings, user)
+
+    await disks.attach(user, image_home, old_workspace)
+
+
 class Sandboxes:
     def __init__(
         self,
@@ -97,13 +110,7 @@ class Sandboxes:
         await asyncio.to_thread(self._disks.check_free_space, self._docker_root)
 
     async def _attach_disk(self, user: str) -> None:
-        def image_home() -> Awaitable[tarfile.TarFile]:
-            return containers.image_home(self._docker, self._settings)
-
-        def old_workspace() -> Awaitable[str | None]:
-            return containers.old_workspace_folder(self._docker, self._settings, user)
-
-        await self._disks.attach(user, image_home, old_workspace)
+        await attach_disk(self._disks, self._docker, self._settings, user)
 
     async def get(self, user: str) -> Session:
         """The user's session; a container that died from outside (OOM, docker kill) is recorded as

@@ -15,8 +15,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway import containers, db
+from gateway.disks import Disks
 from gateway.keys import DB, SANDBOXES
 from gateway.reaper import resolve_unfinished
+from gateway.sandboxes import attach_disk
 from gateway.settings import Settings
 
 from .conftest import PostgresCluster
@@ -51,6 +53,8 @@ async def leave_a_dead_start(
         await db.reserve_slot(conn, user, settings.max_sandboxes)
     if docker is not None:
         await containers.ensure_network(docker, settings)
+        # As a start does it: the user's filesystem first, then the container.
+        await attach_disk(Disks(settings), docker, settings, user)
         await containers.create_and_start(docker, settings, user)
 
 
