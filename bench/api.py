@@ -35,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 
+from . import common
 from .common import Gateway, free_port, running_gateways
 
 CONNECTIONS = (1, 8, 32)
@@ -187,7 +188,7 @@ async def haproxy(a: Gateway, b: Gateway) -> AsyncIterator[HAProxy]:
     with tempfile.TemporaryDirectory(prefix="sgbench-haproxy-") as scratch:
         folder = Path(scratch)
         config = HAPROXY_CONFIG.format(
-            folder=folder, one_port=one, two_port=two, a_port=_port(a), b_port=_port(b)
+            folder=folder, one_port=one, two_port=two, a_port=a.port, b_port=b.port
         )
         (folder / "haproxy.cfg").write_text(config)
         with (folder / "haproxy.log").open("wb") as log:
@@ -221,10 +222,6 @@ async def _wait_until_checked(balancer: HAProxy, timeout_s: float = 20.0) -> Non
         if time.monotonic() > deadline:
             raise RuntimeError(f"HAProxy's health checks did not pass within {timeout_s} s")
         await asyncio.sleep(0.2)
-
-
-def _port(gateway: Gateway) -> int:
-    return int(gateway.url.rsplit(":", 1)[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -331,21 +328,21 @@ async def measure(
 async def start_sandboxes(gateway: Gateway, users: Sequence[str]) -> None:
     """Starts every user's sandbox, a few at a time, and runs node once in each (a cold first start
     of node reads its binary from disk)."""
+    await common.start_sandboxes(gateway, users)
     room = asyncio.Semaphore(4)
     async with aiohttp.ClientSession() as session:
 
-        async def start(user: str) -> None:
-            async with room:
-                headers = gateway.headers(user)
-                async with session.post(f"{gateway.url}/api/sandbox", headers=headers) as response:
-                    assert response.status in (200, 201), await response.text()
-                body = {"language": "node", "code": CODE}
-                async with session.post(
-                    f"{gateway.url}/api/sandbox/exec", headers=headers, json=body
-                ) as response:
-                    assert (await response.json())["stdout"] == "1\n"
+        async def warm(user: str) -> None:
+            body = {"language": "node", "code": CODE}
+            async with (
+                room,
+                session.post(
+                    f"{gateway.url}/api/sandbox/exec", headers=gateway.headers(user), json=body
+                ) as response,
+            ):
+                assert (await response.json())["stdout"] == "1\n"
 
-        await asyncio.gather(*(start(user) for user in users))
+        await asyncio.gather(*(warm(user) for user in users))
 
 
 ENDPOINTS = {

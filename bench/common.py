@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DISK_DIR = os.environ.get("SANDBOX_DISK_DIR") or str(
     Path(os.environ.get("SANDBOX_GATEWAY_STATE") or ROOT / ".state") / "disks"
 )
+STOP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class Gateway:
     url: str
     settings: Settings
     pid: int
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def headers(self, user: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {mint_token(user, self.settings, 3600)}"}
@@ -120,7 +125,19 @@ async def _gateway_process(database_url: str, **env: str) -> AsyncIterator[Gatew
         await _wait_healthy(url)
         yield Gateway(url=url, settings=settings, pid=process.pid)
     finally:
+        await _stop(process)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """SIGINT, as an operator would; SIGKILL if it has not ended in STOP_TIMEOUT_S (a bench may
+    have left it wedged), so that the containers are still removed after."""
+    with suppress(ProcessLookupError):
         process.send_signal(signal.SIGINT)
+    try:
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+    except TimeoutError:
+        print(f"the gateway (pid {process.pid}) did not stop in {STOP_TIMEOUT_S:.0f} s: killed", flush=True)
+        process.kill()
         await process.wait()
 
 
@@ -146,11 +163,32 @@ async def remove_containers(gateway_name: str) -> None:
     await EgressGuard(EgressPolicy(), gateway_name).remove()
 
 
+async def start_sandboxes(gateway: Gateway, users: Sequence[str], *, at_once: int = 4) -> None:
+    """Starts every user's sandbox through the API, `at_once` at a time."""
+    room = asyncio.Semaphore(at_once)
+    async with aiohttp.ClientSession() as session:
+
+        async def start(user: str) -> None:
+            async with (
+                room,
+                session.post(f"{gateway.url}/api/sandbox", headers=gateway.headers(user)) as response,
+            ):
+                if response.status not in (200, 201):
+                    answer = await response.text()
+                    raise RuntimeError(f"starting {user}'s sandbox: {response.status} {answer}")
+
+        await asyncio.gather(*(start(user) for user in users))
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """The q-quantile (nearest rank), in milliseconds."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
+
+
 def summary(samples: Sequence[float]) -> tuple[float, float]:
     """Median and 95th percentile, in milliseconds."""
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return statistics.median(ordered) * 1000, p95 * 1000
+    return statistics.median(samples) * 1000, quantile(samples, 0.95)
 
 
 def report(title: str, rows: dict[str, Sequence[float]], baseline: str) -> None:

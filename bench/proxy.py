@@ -241,7 +241,7 @@ async def main(seconds: int, rounds: int) -> None:
     async with running_gateway() as gateway, aiodocker.Docker() as docker:
         upstream_port = await start_upstream(gateway, docker)
         async with chp(upstream_port) as chp_port:
-            gateway_port = gateway.url.rsplit(":", 1)[1]
+            gateway_port = gateway.port
             root_host = await preview_host(gateway)
             routes = [
                 Route("direct", f"http://127.0.0.1:{upstream_port}/preview/{USER}/"),

@@ -19,7 +19,7 @@ from typing import Any
 import aiodocker
 import aiohttp
 
-from .common import running_gateway
+from .common import quantile, running_gateway
 
 Send = Callable[[bytes], Awaitable[None]]
 Receive = Callable[[], Awaitable[bytes]]
@@ -102,11 +102,6 @@ async def gateway_session(
         return data
 
     return ws.send_bytes, receive, ws
-
-
-def quantile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
 
 
 async def main(keystrokes: int, megabytes: int) -> None:

@@ -12,6 +12,7 @@ from aiohttp import web
 from . import db, engine
 from .activity import ActivityRecorder
 from .auth import auth_middleware
+from .container_events import ContainerEvents
 from .egress import EgressGuard, install_at_start
 from .errors import GatewayError
 from .execute import ExecRunner
@@ -162,9 +163,14 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     except GatewayError as err:
         # The gateway serves what it can without Docker; the next start reconciles that user anyway.
         log.warning("could not reconcile sessions with Docker at start: %s", err.message)
-    renewal = asyncio.create_task(app[TERMINAL_LEASES].renew_forever(), name="terminal-lease-renewal")
+    events = ContainerEvents(app[DOCKER_STREAMS], settings, app[SANDBOXES])
+    tasks = [
+        asyncio.create_task(app[TERMINAL_LEASES].renew_forever(), name="terminal-lease-renewal"),
+        asyncio.create_task(events.watch_forever(), name="container-events"),
+    ]
     try:
         yield
     finally:
-        renewal.cancel()
-        await asyncio.gather(renewal, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -43,6 +43,7 @@ HOME_IN_SANDBOX = "/home/sandbox"
 LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}}
 # aiodocker reports a failed connection to the engine as status 900.
 DOCKER_TRANSPORT_ERROR = 900
+RUNNING, PAUSED = "running", "paused"
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,16 @@ def _published_port(info: dict[str, Any]) -> int:
 @dataclass(frozen=True)
 class LabelledContainer:
     id: str
-    running: bool
+    state: str  # Docker's: running, paused, exited, created, ...
+
+    @property
+    def running(self) -> bool:
+        """Alive: a paused container is frozen, not gone."""
+        return self.state in (RUNNING, PAUSED)
+
+    @property
+    def paused(self) -> bool:
+        return self.state == PAUSED
 
 
 async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, LabelledContainer]:
@@ -266,13 +276,8 @@ async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, La
     found = {}
     for container in listed:
         info = container._container  # the list entry aiodocker keeps; no extra request
-        found[info["Labels"][LABEL_USER]] = LabelledContainer(
-            id=info["Id"], running=info["State"] == "running"
-        )
+        found[info["Labels"][LABEL_USER]] = LabelledContainer(id=info["Id"], state=info["State"])
     return found
-
-
-RUNNING, PAUSED = "running", "paused"
 
 
 async def status(docker: aiodocker.Docker, container_id: str) -> str:

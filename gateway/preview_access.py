@@ -23,7 +23,15 @@ from aiohttp import hdrs, web
 
 from .activity import ActivityRecorder
 from .db import Share
-from .errors import Forbidden, GatewayError, InvalidRequest, PreviewNotFound, SandboxNotRunning, Unauthorized
+from .errors import (
+    Forbidden,
+    GatewayError,
+    InvalidRequest,
+    PreviewNotFound,
+    SandboxNotRunning,
+    SandboxPaused,
+    Unauthorized,
+)
 from .preview_headers import SESSION_COOKIE, SHARE_COOKIE, cookie_values, sound_path
 from .preview_hosts import PreviewHosts, label_of_host
 from .preview_sessions import PreviewSessions
@@ -261,6 +269,11 @@ class PreviewGate:
         if request.upgrade and self._foreign(route, request.origin):
             raise Forbidden(f"WebSocket connections from origin {request.origin} are not allowed")
 
+    def _check_not_paused(self, user: str) -> None:
+        # A paused sandbox accepts connections and answers nothing: say so now, not at the timeout.
+        if self._sandboxes.is_paused(user):
+            raise SandboxPaused()
+
     # -- admission --
     def admit_now(self, route: Route, request: PreviewRequest) -> Admitted | None:
         """`admit` without waiting: None if anything must be looked up or written first; raises
@@ -272,6 +285,7 @@ class PreviewGate:
         except Pending:
             return None
         self.check_websocket_origin(route, request)
+        self._check_not_paused(route.user)
         port = self._sandboxes.cached_preview_port(route.user)
         if port is None or (viewer.counts_as_activity and self.activity.due(route.user)):
             return None
@@ -282,6 +296,7 @@ class PreviewGate:
         assert route.user is not None
         viewer = await self.viewer(route, request)
         self.check_websocket_origin(route, request)
+        self._check_not_paused(route.user)
         try:
             port = await self._sandboxes.preview_port(route.user)
         except SandboxNotRunning:

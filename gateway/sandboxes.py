@@ -64,6 +64,8 @@ class Sandboxes:
         # user -> (published port, when looked up): spares the preview proxy a query per request.
         # A second is as stale as it gets, and a stale port only fails to connect.
         self._ports: dict[str, tuple[int, float]] = {}
+        # Users whose container is paused, as the engine's events say (container_events.py).
+        self._paused: set[str] = set()
 
     async def start(self, user: str) -> StartResult:
         """Starts the user's sandbox, or returns the one that already runs.
@@ -264,6 +266,19 @@ class Sandboxes:
             ):
                 await db.touch(conn, user)
         return session.container_id
+
+    def set_paused(self, users: set[str]) -> None:
+        self._paused = set(users)
+
+    def mark_paused(self, user: str, paused: bool) -> None:
+        if paused:
+            self._paused.add(user)
+        else:
+            self._paused.discard(user)
+
+    def is_paused(self, user: str) -> bool:
+        """Whether the engine said the user's container is paused: known without asking anyone."""
+        return user in self._paused
 
     def cached_preview_port(self, user: str) -> int | None:
         """preview_port if it is known without asking the database."""

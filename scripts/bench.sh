@@ -15,6 +15,7 @@ command -v curl >/dev/null || apt_install curl
 command -v npm >/dev/null || apt_install npm
 command -v haproxy >/dev/null || apt_install haproxy
 cd "$ROOT"
-for bench in lifecycle exec terminal proxy api; do
+# abuse last: it exits 1 when a target is missed, and its terminal case can wedge a gateway until it is killed.
+for bench in lifecycle exec terminal proxy api disk abuse; do
     "$VENV/bin/python" -m "bench.$bench"
 done

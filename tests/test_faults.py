@@ -231,10 +231,11 @@ async def test_after_docker_kill_the_preview_says_stopped(
 
 
 async def test_a_paused_sandbox_shows_as_paused_and_comes_back(
-    client: TestClient, docker: aiodocker.Docker
+    client: TestClient, docker: aiodocker.Docker, settings: Settings
 ) -> None:
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
     container = docker.containers.container(await running_container_id(client, "alice"))
+    preview = {**auth("alice"), "Host": settings.preview_host}
     await container.pause()
     try:
         assert await state_of(client, "alice") == "paused"
@@ -242,10 +243,23 @@ async def test_a_paused_sandbox_shows_as_paused_and_comes_back(
         assert (status, refused["error"]["code"]) == (409, "sandbox_paused"), refused
         started = await client.post("/api/sandbox", headers=auth("alice"))
         assert (started.status, (await started.json())["error"]["code"]) == (409, "sandbox_paused")
+
+        # The preview says so at once (Docker's pause event), not at its 30 s response timeout.
+        async def preview_says_paused() -> bool:
+            async with asyncio.timeout(2):
+                response = await client.get("/preview/alice/", headers=preview)
+            return response.status == 409 and (await response.json())["error"]["code"] == "sandbox_paused"
+
+        await poll(preview_says_paused, timeout_s=5)
     finally:
         await container.unpause()
     assert await state_of(client, "alice") == "running"
     assert (await bash(client, "echo hi"))[1]["stdout"] == "hi\n"
+
+    async def preview_back() -> bool:
+        return (await client.get("/preview/alice/", headers=preview)).status == 502  # no dev server
+
+    await poll(preview_back, timeout_s=5)
 
 
 async def test_floods_time_out_as_timeouts(client: TestClient) -> None:
