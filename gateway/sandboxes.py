@@ -206,9 +206,12 @@ class Sandboxes:
         # A start that died half-way left no id, only the container's deterministic name.
         target = session.container_id or containers.container_name(self._settings, user)
         await containers.remove_container(self._docker, target)
-        await self._disks.detach(user)
         await db.mark_stopped(conn, user, reason)
         self._ports.pop(user, None)
+        # After the record, still under the lock (no start can mount it meanwhile): the sandbox is
+        # stopped once its container is gone, and an unmount that fails leaves a mount that the next
+        # start reuses or a reconciliation removes, not a row stuck in `stopping`.
+        await self._disks.detach(user)
         log.info("stopped sandbox of %s (%s)", user, reason)
 
     async def reconcile(self) -> None:
