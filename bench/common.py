@@ -27,6 +27,10 @@ from gateway.settings import EgressPolicy, Settings
 from gateway.tokens import mint_token
 
 ROOT = Path(__file__).resolve().parent.parent
+# The users' filesystems, in the set-up's state folder as scripts/run.sh has them.
+DISK_DIR = os.environ.get("SANDBOX_DISK_DIR") or str(
+    Path(os.environ.get("SANDBOX_GATEWAY_STATE") or ROOT / ".state") / "disks"
+)
 STOP_TIMEOUT_S = 30.0
 
 
@@ -89,6 +93,7 @@ async def running_gateways(count: int, **env: str) -> AsyncIterator[tuple[Gatewa
         "GATEWAY_NAME": name,
         "SANDBOX_NETWORK": name,
         "GATEWAY_JWT_SECRET": secrets.token_urlsafe(48),
+        "SANDBOX_DISK_DIR": DISK_DIR,
         **env,
     }
     async with scratch_database() as database_url:
@@ -153,7 +158,7 @@ async def _wait_healthy(url: str, timeout_s: float = 30.0) -> None:
 
 async def remove_containers(gateway_name: str) -> None:
     async with aiodocker.Docker() as docker:
-        await remove_deployment(docker, gateway_name)
+        await remove_deployment(docker, gateway_name, DISK_DIR)
     # Its network is named like the deployment (gateway_env); the gateway leaves its rules behind.
     await EgressGuard(EgressPolicy(), gateway_name).remove()
 

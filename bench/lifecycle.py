@@ -3,9 +3,10 @@
     .venv/bin/python -m bench.lifecycle [--runs N]
 
 The baseline creates and starts a container from the very configuration the gateway uses (same image,
-limits, mounts, network, published port) with aiodocker; the API start adds auth, the per-user and
-capacity locks in PostgreSQL, the published-port lookup and the session rows. Each sample is followed
-by a stop that is not timed. Runs alternate.
+limits, mounts, network, published port) with aiodocker, its user's filesystem mounted once before
+(disks.py); the API start adds auth, the per-user and capacity locks in PostgreSQL, the free-disk
+check, mounting the user's filesystem, the published-port lookup and the session rows. Each sample
+is followed by a stop that is not timed (which unmounts the filesystem). Runs alternate.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import aiodocker
 import aiohttp
 
 from gateway.containers import container_config
+from gateway.disks import Disks
+from gateway.sandboxes import attach_disk
 
 from .common import Gateway, report, running_gateway
 
@@ -46,13 +49,17 @@ async def direct(docker: aiodocker.Docker, gateway: Gateway, user: str) -> float
 async def main(runs: int) -> None:
     async with running_gateway() as gateway, aiohttp.ClientSession() as session, aiodocker.Docker() as docker:
         headers = gateway.headers("bench")
-        # Warm up: the network, the volumes and the image's layers.
+        # Warm up: the network, the filesystems and the image's layers.
         await through_api(session, gateway, headers)
+        settings = gateway.settings
+        disks = Disks(settings)
+        await attach_disk(disks, docker, settings, "bench-direct")
         await direct(docker, gateway, "bench-direct")
         api, baseline = [], []
         for _ in range(runs):
             api.append(await through_api(session, gateway, headers))
             baseline.append(await direct(docker, gateway, "bench-direct"))
+        await disks.detach("bench-direct")
     report(
         f"sandbox start ({runs} runs each, alternating)",
         {"direct create+start": baseline, "gateway POST /api/sandbox": api},

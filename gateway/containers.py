@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -17,8 +18,9 @@ from typing import Any
 
 import aiodocker
 
-from . import egress
+from . import disks, egress
 from .errors import (
+    DiskQuotaUnavailable,
     DockerFailed,
     DockerUnavailable,
     EgressNotEnforced,
@@ -27,7 +29,7 @@ from .errors import (
     SandboxPaused,
     SandboxStartFailed,
 )
-from .settings import Settings
+from .settings import DiskSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,10 @@ LABEL_USER = "sandbox-gateway.user"
 LABEL_GATEWAY = "sandbox-gateway.gateway"
 PREVIEW_PORT = "5173/tcp"
 CA_BUNDLE_IN_SANDBOX = "/etc/ssl/certs/ca-certificates.crt"
+HOME_IN_SANDBOX = "/home/sandbox"
+# PID 1's output is all that reaches the engine's log, and nothing of the gateway's reads it: enough
+# for an operator's `docker logs`, never a way to fill the engine's disk.
+LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}}
 # aiodocker reports a failed connection to the engine as status 900.
 DOCKER_TRANSPORT_ERROR = 900
 RUNNING, PAUSED = "running", "paused"
@@ -61,15 +67,7 @@ def labels(settings: Settings, user: str) -> dict[str, str]:
 def container_config(settings: Settings, user: str) -> dict[str, Any]:
     limits = settings.limits
     memory = limits.memory_mb * 1024 * 1024
-    mounts: list[dict[str, Any]] = [
-        {
-            "Type": "volume",
-            "Source": workspace_volume(settings, user),
-            "Target": "/workspace",
-            # Applied when the mount creates the volume on first start.
-            "VolumeOptions": {"Labels": labels(settings, user)},
-        }
-    ]
+    mounts = _storage_mounts(settings, user)
     if settings.ca_bundle:
         mounts.append(
             {"Type": "bind", "Source": settings.ca_bundle, "Target": CA_BUNDLE_IN_SANDBOX, "ReadOnly": True}
@@ -95,10 +93,44 @@ def container_config(settings: Settings, user: str) -> dict[str, Any]:
             # Only this host may reach the dev server port; the gateway proxies it.
             "PortBindings": {PREVIEW_PORT: [{"HostIp": "127.0.0.1", "HostPort": ""}]},
             "Mounts": mounts,
+            **_writable_places(settings),
+            "LogConfig": LOG_CONFIG,
             "NetworkMode": settings.sandbox_network,
             "RestartPolicy": {"Name": "no"},
         },
     }
+
+
+def _storage_mounts(settings: Settings, user: str) -> list[dict[str, Any]]:
+    if not settings.disk.quota:
+        # No quota (SANDBOX_DISK_MB=0): a Docker volume, as big as the engine's disk.
+        volume = {
+            "Type": "volume",
+            "Source": workspace_volume(settings, user),
+            "Target": "/workspace",
+            # Applied when the mount creates the volume on first start.
+            "VolumeOptions": {"Labels": labels(settings, user)},
+        }
+        return [volume]
+    # The user's own filesystem (disks.py), mounted by the gateway before the container is created.
+    paths = disks.disk_paths(settings, user)
+    return [
+        {"Type": "bind", "Source": str(paths.workspace), "Target": "/workspace"},
+        {"Type": "bind", "Source": str(paths.home), "Target": HOME_IN_SANDBOX},
+    ]
+
+
+def _writable_places(settings: Settings) -> dict[str, Any]:
+    """With quotas, nothing but the user's filesystem and bounded tmpfs can be written: the
+    container's own layer, on the engine's disk, is read-only."""
+    if not settings.disk.quota:
+        return {}
+    # tmpfs is memory: the size makes a full /tmp an ENOSPC before it is an OOM kill. exec because
+    # tools run what they unpack there (pip's builds, npx).
+    tmpfs = f"rw,exec,nosuid,nodev,size={settings.disk.tmp_mb}m,mode=1777"
+    # Paths inside the sandbox, not the gateway's own temporary files.
+    folders = ("/tmp", "/var/tmp")  # noqa: S108
+    return {"ReadonlyRootfs": True, "Tmpfs": dict.fromkeys(folders, tmpfs)}
 
 
 @contextmanager
@@ -158,8 +190,18 @@ async def create_and_start(docker: aiodocker.Docker, settings: Settings, user: s
     """Creates and starts the user's container; on any failure, removes what it made."""
     config = container_config(settings, user)
     name = container_name(settings, user)
-    with docker_errors("creating the sandbox container", SandboxStartFailed):
-        container = await _create_replacing_leftover(docker, config, name)
+    try:
+        with docker_errors("creating the sandbox container", SandboxStartFailed):
+            container = await _create_replacing_leftover(docker, config, name)
+    except SandboxStartFailed as err:
+        # The folders exist only inside the user's mounted filesystem (disks.py): the engine does not
+        # see what the gateway mounted.
+        if settings.disk.quota and "bind source path does not exist" in err.message:
+            raise DiskQuotaUnavailable(
+                "the Docker engine does not see the filesystems the gateway mounts: run the gateway on"
+                " the engine's host, in its mount namespace (README, Disk quotas)"
+            ) from err
+        raise
     try:
         with docker_errors("starting the sandbox container", SandboxStartFailed):
             await container.start()
@@ -297,6 +339,38 @@ async def remove_workspace(docker: aiodocker.Docker, settings: Settings, user: s
     return True
 
 
+async def old_workspace_folder(docker: aiodocker.Docker, settings: Settings, user: str) -> str | None:
+    """Where the engine keeps the user's workspace volume from before quotas, if there is one."""
+    with docker_errors("looking for an old workspace volume"):
+        try:
+            volume = await docker.volumes.get(workspace_volume(settings, user))  # type: ignore[no-untyped-call]
+        except aiodocker.DockerError as err:
+            if err.status == 404:
+                return None
+            raise
+        info = await volume.show()
+    return str(info["Mountpoint"])
+
+
+async def image_home(docker: aiodocker.Docker, settings: Settings) -> tarfile.TarFile:
+    """The sandbox image's /home/sandbox as a tar archive, from a container that never runs."""
+    with docker_errors("reading the image's home folder", SandboxStartFailed):
+        container = await docker.containers.create(
+            {"Image": settings.sandbox_image, "Labels": {LABEL_GATEWAY: settings.gateway_name}}
+        )
+        try:
+            return await container.get_archive(HOME_IN_SANDBOX)
+        finally:
+            await container.delete(force=True)
+
+
+async def docker_root_dir(docker: aiodocker.Docker) -> str:
+    """The engine's data root (DockerRootDir), whose filesystem holds images and container layers."""
+    with docker_errors("asking the engine for its data root"):
+        info = await docker.system.info()
+    return str(info["DockerRootDir"])
+
+
 async def remove_container(docker: aiodocker.Docker, container_id: str) -> None:
     """Stops and removes the container at once (the workspace volume stays); gone already is fine."""
     with docker_errors("removing the sandbox container"):
@@ -312,12 +386,16 @@ async def ping(docker: aiodocker.Docker) -> None:
         await docker.version()
 
 
-async def remove_deployment(docker: aiodocker.Docker, gateway_name: str) -> None:
-    """Removes every container, workspace volume and network labelled with this deployment's name:
+async def remove_deployment(
+    docker: aiodocker.Docker, gateway_name: str, disk_dir: str = DiskSettings().directory
+) -> None:
+    """Removes every container, workspace volume, filesystem and network of this deployment's name:
     what the tests and benchmarks leave, or an operator's uninstall. Workspaces go too."""
     label = {"label": [f"{LABEL_GATEWAY}={gateway_name}"]}
     for container in await docker.containers.list(all="1", filters=json.dumps(label)):
         await container.delete(force=True)
+    # The containers are gone, so nothing holds the filesystems any more.
+    await disks.remove_deployment_disks(disk_dir, gateway_name)
     volumes = await docker.volumes.list(filters=label)  # type: ignore[no-untyped-call]
     for volume in volumes.get("Volumes") or []:
         await (await docker.volumes.get(volume["Name"])).delete()  # type: ignore[no-untyped-call]

@@ -15,6 +15,7 @@
     ├── PayloadTooLarge               413 payload_too_large
     ├── UnsupportedMediaType          415 unsupported_media_type
     ├── TooManyRequests               429 too_many_requests
+    ├── DiskFailed                    500 disk_error
     ├── DockerFailed                  502 docker_error
     │   ├── SandboxStartFailed            sandbox_start_failed
     │   └── ProjectFailed                 project_failed
@@ -23,7 +24,9 @@
         ├── DockerUnavailable             docker_unavailable
         ├── DatabaseUnavailable           database_unavailable
         ├── EgressNotEnforced             egress_not_enforced
-        └── TooManyConnections            too_many_connections
+        ├── TooManyConnections            too_many_connections
+        ├── DiskQuotaUnavailable          disk_quota_unavailable
+        └── HostDiskLow                   host_disk_low
 
 Adapters raise these from foreign errors (``raise DockerUnavailable(...) from err``); the error
 middleware turns them into ``{"error": {"code", "message"}}``.
@@ -134,6 +137,12 @@ class TooManyRequests(GatewayError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class DiskFailed(GatewayError):
+    """Setting up, mounting or removing a user's filesystem failed (disks.py)."""
+
+    code = "disk_error"
+
+
 class DockerFailed(GatewayError):
     status = 502
     code = "docker_error"
@@ -179,3 +188,15 @@ class TooManyConnections(ServiceUnavailable):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1", "Connection": "close"}
+
+
+class DiskQuotaUnavailable(ServiceUnavailable):
+    """Disk quotas are on, and this gateway cannot mount filesystems where the engine sees them."""
+
+    code = "disk_quota_unavailable"
+
+
+class HostDiskLow(ServiceUnavailable):
+    """The host's free disk is below SANDBOX_MIN_FREE_DISK_MB: no more sandboxes until it is freed."""
+
+    code = "host_disk_low"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import tarfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +15,7 @@ import asyncpg
 
 from . import containers, db
 from .db import Session
+from .disks import Disks
 from .egress import EgressGuard
 from .errors import GatewayError, SandboxNotFound, SandboxNotRunning, SandboxPaused
 from .settings import Settings
@@ -27,6 +31,19 @@ class StartResult:
     created: bool
 
 
+async def attach_disk(disks: Disks, docker: aiodocker.Docker, settings: Settings, user: str) -> None:
+    """Mounts the user's filesystem (disks.py) as a start does, asking the engine for the image's
+    home folder and an old workspace volume when the filesystem is new."""
+
+    def image_home() -> Awaitable[tarfile.TarFile]:
+        return containers.image_home(docker, settings)
+
+    def old_workspace() -> Awaitable[str | None]:
+        return containers.old_workspace_folder(docker, settings, user)
+
+    await disks.attach(user, image_home, old_workspace)
+
+
 class Sandboxes:
     def __init__(
         self,
@@ -38,6 +55,9 @@ class Sandboxes:
         self._settings = settings
         self._pool = pool
         self._docker = docker
+        self._disks = Disks(settings)
+        # Learnt at the first start: the floor on free disk applies to the engine's data root too.
+        self._docker_root: str | None = None
         self._egress = egress or EgressGuard(settings.egress, settings.sandbox_network)
         # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
         self._network_ready = False
@@ -65,6 +85,7 @@ class Sandboxes:
                     raise SandboxPaused()
                 log.info("sandbox of %s is recorded as running but its container is not; restarting", user)
                 await containers.remove_container(self._docker, session.container_id)
+            await self._check_free_space()
             # Read from the kernel at every start: rules flushed since (a firewall reload) stop starts.
             await self._egress.require()
             await db.reserve_slot(conn, user, self._settings.max_sandboxes)
@@ -73,14 +94,25 @@ class Sandboxes:
                     async with db.advisory_lock(conn, db.NETWORK_LOCK):
                         await containers.ensure_network(self._docker, self._settings)
                     self._network_ready = True
+                await self._attach_disk(user)
                 started = await containers.create_and_start(self._docker, self._settings, user)
             except BaseException:
                 self._network_ready = False
+                # create_and_start removed what it made, so nothing holds the filesystem.
+                await self._disks.detach(user)
                 await db.mark_stopped(conn, user, "start_failed")
                 raise
             session = await db.mark_running(conn, user, started.id, started.host_port)
             log.info("started sandbox of %s (container %.12s)", user, started.id)
             return StartResult(session, created=True)
+
+    async def _check_free_space(self) -> None:
+        if self._docker_root is None and self._settings.disk.min_free_mb:
+            self._docker_root = await containers.docker_root_dir(self._docker)
+        await asyncio.to_thread(self._disks.check_free_space, self._docker_root)
+
+    async def _attach_disk(self, user: str) -> None:
+        await attach_disk(self._disks, self._docker, self._settings, user)
 
     async def get(self, user: str) -> Session:
         """The user's session; a container that died from outside (OOM, docker kill) is recorded as
@@ -126,7 +158,12 @@ class Sandboxes:
             if running:
                 assert session is not None
                 await self._stop_locked(conn, user, session, reason)
-            purged = purge and await containers.remove_workspace(self._docker, self._settings, user)
+            purged = purge and any(
+                [
+                    await containers.remove_workspace(self._docker, self._settings, user),
+                    await self._disks.remove(user),
+                ]
+            )
             if not running and not purged:
                 raise SandboxNotFound("you have no running sandbox" + (" and no workspace" if purge else ""))
 
@@ -171,6 +208,10 @@ class Sandboxes:
         await containers.remove_container(self._docker, target)
         await db.mark_stopped(conn, user, reason)
         self._ports.pop(user, None)
+        # After the record, still under the lock (no start can mount it meanwhile): the sandbox is
+        # stopped once its container is gone, and an unmount that fails leaves a mount that the next
+        # start reuses or a reconciliation removes, not a row stuck in `stopping`.
+        await self._disks.detach(user)
         log.info("stopped sandbox of %s (%s)", user, reason)
 
     async def reconcile(self) -> None:
@@ -202,6 +243,20 @@ class Sandboxes:
                     if current is None or current.container_id != container.id:
                         log.info("removing container %.12s of %s: no session owns it", container.id, user)
                         await containers.remove_container(self._docker, container.id)
+                        if current is None or current.state == "stopped":
+                            await self._disks.detach(user)
+        await self._unmount_leftover_disks()
+
+    async def _unmount_leftover_disks(self) -> None:
+        """Unmounts the filesystems of users with no sandbox: left by a gateway that died between a
+        container's removal and its unmount. Re-read under the user's lock, which a start holds
+        from the mount to its record, so a start in progress is never undone."""
+        for user in await self._disks.mounted_users():
+            async with db.connection(self._pool) as conn, db.user_lock(conn, user):
+                current = await db.get_session(conn, user)
+                if current is None or current.state == "stopped":
+                    log.info("unmounting the filesystem of %s: no sandbox uses it", user)
+                    await self._disks.detach(user)
 
     async def running_container(self, user: str) -> str:
         """The id of the user's running container, for exec and friends; counts as activity."""

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
 DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+MIN_DISK_MB = 16
 # A DNS name of at least two labels, with an optional port: what a wildcard *.<domain> can cover.
 PREVIEW_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{1,63}(?::\d{1,5})?"
@@ -67,6 +68,25 @@ class SandboxLimits:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DiskSettings:
+    """What a sandbox may write (README, "Disk quotas")."""
+
+    # Each user's own ext4 filesystem, holding /workspace and /home/sandbox; 0: no quota at all (an
+    # unbounded Docker volume and a writable container layer, as before quotas), unsafe.
+    size_mb: int = 2048
+    # Where the filesystems' image files and mount points live, on the engine's host.
+    directory: str = "/var/lib/sandbox-gateway/disks"
+    # /tmp and /var/tmp inside: tmpfs of this size each, whose pages count as the sandbox's memory.
+    tmp_mb: int = 256
+    # Starts are refused while the disks' or Docker's filesystem has less free space than this; 0: off.
+    min_free_mb: int = 2048
+
+    @property
+    def quota(self) -> bool:
+        return self.size_mb > 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExecSettings:
     default_timeout_ms: int = 10_000
     max_timeout_ms: int = 60_000
@@ -104,6 +124,7 @@ class Settings:
     ca_bundle: str | None = DEFAULT_CA_BUNDLE
     max_sandboxes: int = 50
     limits: SandboxLimits = SandboxLimits()
+    disk: DiskSettings = DiskSettings()
     idle_timeout_s: float = 1800
     reaper_interval_s: float = 60
     # last_activity is written at most this often per user (and per terminal) by ordinary use.
@@ -207,6 +228,12 @@ class Settings:
                 cpus=_float(env, "SANDBOX_CPUS", 1.0),
                 pids=_int(env, "SANDBOX_PIDS", 256, minimum=16),
             ),
+            disk=DiskSettings(
+                size_mb=_disk_mb(env),
+                directory=env.get("SANDBOX_DISK_DIR", "").strip() or "/var/lib/sandbox-gateway/disks",
+                tmp_mb=_int(env, "SANDBOX_TMP_MB", 256, minimum=1),
+                min_free_mb=_int(env, "SANDBOX_MIN_FREE_DISK_MB", 2048, minimum=0),
+            ),
             idle_timeout_s=_int(env, "SANDBOX_IDLE_TIMEOUT_S", 1800, minimum=1),
             reaper_interval_s=_int(env, "REAPER_INTERVAL_S", 60, minimum=1),
             exec=ExecSettings(
@@ -273,6 +300,8 @@ class Settings:
             raise SettingsError(f"GATEWAY_PREVIEW_WAKE must be ask, auto or off, got {self.preview_wake!r}")
         if self.metrics_token is not None and len(self.metrics_token) < 16:
             raise SettingsError("GATEWAY_METRICS_TOKEN must be at least 16 characters long")
+        if not Path(self.disk.directory).is_absolute():
+            raise SettingsError(f"SANDBOX_DISK_DIR must be an absolute path, got {self.disk.directory!r}")
         if self.exec.default_timeout_ms > self.exec.max_timeout_ms:
             raise SettingsError("EXEC_DEFAULT_TIMEOUT_MS must not exceed EXEC_MAX_TIMEOUT_MS")
 
@@ -300,6 +329,14 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> in
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _disk_mb(env: Mapping[str, str]) -> int:
+    size_mb = _int(env, "SANDBOX_DISK_MB", 2048, minimum=0)
+    # ext4 with a journal needs a few MiB of its own; smaller would fail at mkfs, on the first start.
+    if 0 < size_mb < MIN_DISK_MB:
+        raise SettingsError(f"SANDBOX_DISK_MB must be 0 (no quota) or at least {MIN_DISK_MB}, got {size_mb}")
+    return size_mb
 
 
 def _address(env: Mapping[str, str], name: str) -> tuple[str, int] | None:

@@ -16,6 +16,13 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# What the gateway needs to give each sandbox its own filesystem (README, "Disk quotas"): mkfs.ext4,
+# e2fsck and resize2fs, and loop devices.
+ensure_disk_tools() {
+    command -v mkfs.ext4 >/dev/null && command -v resize2fs >/dev/null || apt_install e2fsprogs
+    [[ -e /dev/loop-control ]] || modprobe loop 2>/dev/null || say "no loop devices here: set SANDBOX_DISK_MB=0 (no disk quota) or load the loop module"
+}
+
 # Polls "$@" until it succeeds or SECONDS_LEFT runs out.
 wait_for() {
     local seconds_left=$1

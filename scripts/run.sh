@@ -6,12 +6,16 @@ set -euo pipefail
 
 "$ROOT/scripts/ensure-venv.sh"
 "$ROOT/scripts/ensure-docker.sh"
+ensure_disk_tools
 if [[ -z ${DATABASE_URL:-} ]]; then
     DATABASE_URL=$("$ROOT/scripts/ensure-postgres.sh")
     export DATABASE_URL
 fi
 "$ROOT/scripts/build-image.sh"
 "$ROOT/scripts/build-page.sh"
+# The users' filesystems live in the state folder here; a production gateway's default is
+# /var/lib/sandbox-gateway/disks.
+export SANDBOX_DISK_DIR=${SANDBOX_DISK_DIR:-$STATE_DIR/disks}
 
 dev_token=""
 if [[ -z ${GATEWAY_JWT_SECRET:-} && -z ${GATEWAY_JWT_PUBLIC_KEY_FILE:-} ]]; then

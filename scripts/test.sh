@@ -7,6 +7,7 @@ set -euo pipefail
 
 "$ROOT/scripts/ensure-venv.sh"
 "$ROOT/scripts/ensure-docker.sh"
+ensure_disk_tools
 "$ROOT/scripts/build-image.sh"
 "$ROOT/scripts/build-page.sh"
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_install postgresql

@@ -24,12 +24,23 @@ from playwright.async_api import Browser, Page, async_playwright
 from gateway.app import SERVER_OPTIONS, create_app
 from gateway.containers import remove_deployment
 from gateway.egress import EgressGuard
-from gateway.settings import EgressPolicy, ExecSettings, SandboxLimits, Settings
+from gateway.settings import DiskSettings, EgressPolicy, ExecSettings, SandboxLimits, Settings
 
 from .gateway_processes import http, start_gateways  # noqa: F401 (fixtures, registered here)
 from .helpers import JWT_SECRET, GatewayTestServer, MakeClient, free_port
 
 SANDBOX_IMAGE = os.environ.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest")
+# The users' filesystems, in the set-up's state folder (scripts/lib.sh), each deployment in its own
+# folder there. The size is small enough to fill in a test and large enough for `npm install`.
+STATE_DIR = Path(os.environ.get("SANDBOX_GATEWAY_STATE") or Path(__file__).resolve().parent.parent / ".state")
+TEST_DISKS = DiskSettings(size_mb=1024, directory=str(STATE_DIR / "disks"), tmp_mb=64)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Gateways the tests run as processes of their own (`python -m gateway`) inherit this, so that
+    # their filesystems land where the fixtures' clean-up looks too. (Only this: the Compose test's
+    # shell environment, which this also is, would pass more to its gateway.)
+    os.environ["SANDBOX_DISK_DIR"] = TEST_DISKS.directory
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -174,9 +185,10 @@ async def settings(database_url: str, docker: aiodocker.Docker, gateway_name: st
         sandbox_network=gateway_name,
         sandbox_image=SANDBOX_IMAGE,
         limits=SandboxLimits(memory_mb=256, cpus=1.0, pids=128),
+        disk=TEST_DISKS,
         exec=ExecSettings(),
     )
-    await remove_deployment(docker, gateway_name)
+    await remove_deployment(docker, gateway_name, TEST_DISKS.directory)
     # The gateway leaves its rules in place when it stops (its sandboxes outlive it); tests do not.
     await EgressGuard(EgressPolicy(), gateway_name).remove()
 

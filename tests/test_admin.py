@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiodocker
 import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.containers import workspace_volume
+from gateway.disks import disk_paths
 from gateway.settings import Settings
 
 from .helpers import auth
@@ -68,6 +71,7 @@ async def test_admin_stops_and_purges_anyones_sandbox(
     assert (mine["state"], mine["stop_reason"]) == ("stopped", "admin")
     with pytest.raises(aiodocker.DockerError):
         await docker.volumes.get(workspace_volume(settings, "alice"))
+    assert not await asyncio.to_thread(disk_paths(settings, "alice").image.exists)
     again = await client.delete("/api/admin/sandboxes/alice", headers=ADMIN)
     assert again.status == 404
     assert "alice has no running sandbox" in (await again.json())["error"]["message"]

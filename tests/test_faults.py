@@ -15,8 +15,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway import containers, db
+from gateway.disks import Disks
 from gateway.keys import DB, SANDBOXES, TERMINAL_LEASES
 from gateway.reaper import resolve_unfinished
+from gateway.sandboxes import attach_disk
 from gateway.settings import Settings
 
 from .conftest import PostgresCluster
@@ -51,6 +53,8 @@ async def leave_a_dead_start(
         await db.reserve_slot(conn, user, settings.max_sandboxes)
     if docker is not None:
         await containers.ensure_network(docker, settings)
+        # As a start does it: the user's filesystem first, then the container.
+        await attach_disk(Disks(settings), docker, settings, user)
         await containers.create_and_start(docker, settings, user)
 
 
@@ -254,15 +258,21 @@ async def test_after_docker_kill_the_terminal_says_stopped(
 async def test_after_docker_kill_the_preview_says_stopped(
     client: TestClient, docker: aiodocker.Docker, settings: Settings
 ) -> None:
-    """Nobody asks GET first: the preview finds out itself, and records it."""
+    """Nobody asks GET first: the preview finds out (from its refused port, or Docker's die event,
+    whichever comes first), and the death is recorded with its reason."""
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
     await docker.containers.container(await running_container_id(client, "alice")).kill()
     headers = {**auth("alice"), "Host": settings.preview_host}
     response = await client.get("/preview/alice/", headers=headers)
     assert response.status == 409, await response.text()
     assert (await response.json())["error"]["code"] == "sandbox_not_running"
-    stopped = await (await client.get("/api/sandbox", headers=auth("alice"))).json()
-    assert (stopped["state"], stopped["stop_reason"]) == ("stopped", "exited_137")
+
+    async def recorded() -> bool:
+        stopped = await (await client.get("/api/sandbox", headers=auth("alice"))).json()
+        return (stopped["state"], stopped["stop_reason"]) == ("stopped", "exited_137")
+
+    # The recording may be half-way (`stopping`, its container being removed) when we first look.
+    await poll(recorded, timeout_s=10)
 
 
 async def test_a_paused_sandbox_shows_as_paused_and_comes_back(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
 from gateway.containers import LABEL_GATEWAY, LABEL_USER, container_config, workspace_volume
+from gateway.disks import disk_paths
 from gateway.keys import ACTIVITY, DB, SANDBOXES
 from gateway.reaper import reap_once
-from gateway.settings import Settings
+from gateway.settings import DiskSettings, Settings
 
 from .conftest import PostgresCluster
 from .helpers import MakeClient, auth, docker_shell_ok, poll, running_container_id
@@ -76,6 +78,7 @@ async def test_purge_deletes_the_workspace(
     assert (await client.delete("/api/sandbox?purge=true", headers=auth("alice"))).status == 204
     with pytest.raises(aiodocker.DockerError):
         await docker.volumes.get(workspace_volume(settings, "alice"))
+    assert not await asyncio.to_thread(disk_paths(settings, "alice").image.exists)
     # Purging what is already gone is 404.
     assert (await client.delete("/api/sandbox?purge=true", headers=auth("alice"))).status == 404
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
@@ -149,13 +152,17 @@ async def test_reconciliation_at_start(
     first = await make_client()
     for user in ("alice", "bob"):
         assert (await first.post("/api/sandbox", headers=auth(user))).status == 201
-    # bob's container vanishes behind the gateway's back, and a labelled stranger appears.
-    await docker.containers.container(await running_container_id(first, "bob")).delete(force=True)
+    bob_container = await running_container_id(first, "bob")
+    # Gone first: a running gateway would hear of bob's death from Docker's events and record it.
+    await first.close()
+    # bob's container vanishes while no gateway runs, and a labelled stranger appears.
+    await docker.containers.container(bob_container).delete(force=True)
+    # On a volume: mallory has no mounted filesystem (disks.py) to bind.
     stranger = await docker.containers.create(
-        container_config(settings, "mallory"), name=f"{settings.gateway_name}-mallory"
+        container_config(replace(settings, disk=DiskSettings(size_mb=0)), "mallory"),
+        name=f"{settings.gateway_name}-mallory",
     )
     await stranger.start()
-    await first.close()
 
     second = await make_client()
     assert await state_of(second, "alice") == ("running", None)

@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.containers import LABEL_GATEWAY, LABEL_USER
+from gateway.disks import disk_paths
 from gateway.settings import Settings
 
 from .helpers import MakeClient, auth, poll
@@ -63,7 +64,11 @@ async def test_container_is_locked_down(
     assert bindings
     assert all(b["HostIp"] == "127.0.0.1" for b in bindings)
     mounts = {m["Destination"]: m for m in info["Mounts"]}
-    assert mounts["/workspace"]["Type"] == "volume"
+    # The user's own filesystem (disks.py) at /workspace and home; nothing else is writable but tmpfs.
+    paths = disk_paths(settings, "alice")
+    assert (mounts["/workspace"]["Type"], mounts["/workspace"]["Source"]) == ("bind", str(paths.workspace))
+    assert (mounts["/home/sandbox"]["Type"], mounts["/home/sandbox"]["Source"]) == ("bind", str(paths.home))
+    assert host["ReadonlyRootfs"] is True
     assert not any("docker.sock" in m["Source"] for m in info["Mounts"])
     if settings.ca_bundle:
         assert mounts["/etc/ssl/certs/ca-certificates.crt"]["RW"] is False

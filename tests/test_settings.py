@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.settings import Settings, SettingsError
+from gateway.settings import DiskSettings, Settings, SettingsError
 
 BASE = {"GATEWAY_JWT_SECRET": "s" * 32, "DATABASE_URL": "postgresql:///x"}
 
@@ -17,6 +17,16 @@ def test_defaults() -> None:
     assert settings.idle_timeout_s == 1800
     assert settings.exec.max_output_bytes == 1024 * 1024
     assert settings.ca_bundle is None
+    assert settings.disk == DiskSettings(
+        size_mb=2048, directory="/var/lib/sandbox-gateway/disks", tmp_mb=256, min_free_mb=2048
+    )
+
+
+def test_disk_settings_are_read() -> None:
+    env = {"SANDBOX_DISK_MB": "0", "SANDBOX_DISK_DIR": "/srv/disks", "SANDBOX_TMP_MB": "64"}
+    settings = Settings.from_env({**BASE, **env, "SANDBOX_MIN_FREE_DISK_MB": "0"})
+    assert settings.disk == DiskSettings(size_mb=0, directory="/srv/disks", tmp_mb=64, min_free_mb=0)
+    assert not settings.disk.quota
 
 
 def test_values_are_read() -> None:
@@ -52,6 +62,11 @@ def test_values_are_read() -> None:
         ({**BASE, "GATEWAY_JWT_ALGORITHM": "RS256"}, "PEM public key"),
         ({**BASE, "SANDBOX_CA_BUNDLE": "/does/not/exist"}, "SANDBOX_CA_BUNDLE"),
         ({**BASE, "EXEC_DEFAULT_TIMEOUT_MS": "70000"}, "EXEC_DEFAULT_TIMEOUT_MS"),
+        ({**BASE, "SANDBOX_DISK_MB": "8"}, "SANDBOX_DISK_MB must be 0"),
+        ({**BASE, "SANDBOX_DISK_MB": "-1"}, "SANDBOX_DISK_MB"),
+        ({**BASE, "SANDBOX_DISK_DIR": "disks"}, "SANDBOX_DISK_DIR must be an absolute path"),
+        ({**BASE, "SANDBOX_TMP_MB": "0"}, "SANDBOX_TMP_MB"),
+        ({**BASE, "SANDBOX_MIN_FREE_DISK_MB": "lots"}, "SANDBOX_MIN_FREE_DISK_MB"),
     ],
 )
 def test_bad_configuration_names_the_variable(env: dict[str, str], fragment: str) -> None:
