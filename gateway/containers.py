@@ -11,12 +11,15 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiodocker
 
 from .errors import DockerFailed, DockerUnavailable, GatewayError, SandboxStartFailed
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .runtime import Placement
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def labels(settings: Settings, user: str) -> dict[str, str]:
     return {LABEL_USER: user, LABEL_GATEWAY: settings.gateway_name}
 
 
-def container_config(settings: Settings, user: str) -> dict[str, Any]:
+def container_config(settings: Settings, user: str, placement: Placement | None = None) -> dict[str, Any]:
     limits = settings.limits
     memory = limits.memory_mb * 1024 * 1024
     mounts: list[dict[str, Any]] = [
@@ -62,6 +65,8 @@ def container_config(settings: Settings, user: str) -> dict[str, Any]:
         mounts.append(
             {"Type": "bind", "Source": settings.ca_bundle, "Target": CA_BUNDLE_IN_SANDBOX, "ReadOnly": True}
         )
+    if placement:
+        mounts.extend(placement.mounts)
     return {
         "Image": settings.sandbox_image,
         "User": "sandbox",
@@ -70,9 +75,11 @@ def container_config(settings: Settings, user: str) -> dict[str, Any]:
         # Every terminal and run inherits these: a dev server started with --base "$PREVIEW_BASE"
         # serves correctly behind /preview/<user>/.
         "Env": [f"SANDBOX_USER={user}", f"PREVIEW_BASE=/preview/{user}/"],
-        "Labels": labels(settings, user),
+        "Labels": labels(settings, user) | (placement.labels if placement else {}),
         "ExposedPorts": {PREVIEW_PORT: {}},
         "HostConfig": {
+            "Runtime": settings.sandbox_runtime,
+            "CpusetCpus": placement.cpuset if placement else "",
             "Memory": memory,
             # Equal to Memory: no swap on top of the memory limit.
             "MemorySwap": memory,
@@ -127,9 +134,11 @@ async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
                 raise
 
 
-async def create_and_start(docker: aiodocker.Docker, settings: Settings, user: str) -> StartedContainer:
+async def create_and_start(
+    docker: aiodocker.Docker, settings: Settings, user: str, placement: Placement | None = None
+) -> StartedContainer:
     """Creates and starts the user's container; on any failure, removes what it made."""
-    config = container_config(settings, user)
+    config = container_config(settings, user, placement)
     name = container_name(settings, user)
     with docker_errors("creating the sandbox container", SandboxStartFailed):
         container = await _create_replacing_leftover(docker, config, name)

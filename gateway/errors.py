@@ -20,6 +20,7 @@
     └── ServiceUnavailable            503
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
+        ├── HostMisconfigured             host_misconfigured
         └── DatabaseUnavailable           database_unavailable
 
 Adapters raise these from foreign errors (``raise DockerUnavailable(...) from err``); the error
@@ -147,6 +148,12 @@ class CapacityExhausted(ServiceUnavailable):
 
 class DockerUnavailable(ServiceUnavailable):
     code = "docker_unavailable"
+
+
+class HostMisconfigured(ServiceUnavailable):
+    """The host lacks what the settings ask for (the sandbox runtime, lxcfs); the message says what."""
+
+    code = "host_misconfigured"
 
 
 class DatabaseUnavailable(ServiceUnavailable):

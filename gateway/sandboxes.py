@@ -13,6 +13,7 @@ import asyncpg
 from . import containers, db
 from .db import Session
 from .errors import SandboxNotFound, SandboxNotRunning
+from .runtime import Engine, SandboxHost
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class Sandboxes:
         self._settings = settings
         self._pool = pool
         self._docker = docker
+        self._host = SandboxHost(settings, docker)
         # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
         self._network_ready = False
         # user -> (published port, when looked up): spares the preview proxy a query per request.
@@ -51,13 +53,15 @@ class Sandboxes:
                     return StartResult(session, created=False)
                 log.info("sandbox of %s is recorded as running but its container is not; restarting", user)
                 await containers.remove_container(self._docker, session.container_id)
+            # Before the slot: a host that cannot take the sandbox refuses without touching the row.
+            placement = await self._host.placement()
             await db.reserve_slot(conn, user, self._settings.max_sandboxes)
             try:
                 if not self._network_ready:
                     async with db.advisory_lock(conn, db.NETWORK_LOCK):
                         await containers.ensure_network(self._docker, self._settings)
                     self._network_ready = True
-                started = await containers.create_and_start(self._docker, self._settings, user)
+                started = await containers.create_and_start(self._docker, self._settings, user, placement)
             except BaseException:
                 self._network_ready = False
                 await db.mark_stopped(conn, user, "start_failed")
@@ -65,6 +69,10 @@ class Sandboxes:
             session = await db.mark_running(conn, user, started.id, started.host_port)
             log.info("started sandbox of %s (container %.12s)", user, started.id)
             return StartResult(session, created=True)
+
+    async def check_host(self) -> Engine:
+        """Whether the host has what sandboxes need (the runtime, lxcfs if required); raises if not."""
+        return await self._host.check()
 
     async def get(self, user: str) -> Session:
         """The user's session; a container that died from outside (OOM, docker kill) is recorded as
