@@ -79,7 +79,6 @@ def container_config(settings: Settings, user: str, placement: Placement | None 
         "ExposedPorts": {PREVIEW_PORT: {}},
         "HostConfig": {
             "Runtime": settings.sandbox_runtime,
-            "CpusetCpus": placement.cpuset if placement else "",
             "Memory": memory,
             # Equal to Memory: no swap on top of the memory limit.
             "MemorySwap": memory,
@@ -92,6 +91,7 @@ def container_config(settings: Settings, user: str, placement: Placement | None 
             "Mounts": mounts,
             "NetworkMode": settings.sandbox_network,
             "RestartPolicy": {"Name": "no"},
+            **(placement.host_config if placement else {}),
         },
     }
 
