@@ -4,6 +4,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE_DIR=${SANDBOX_GATEWAY_STATE:-$ROOT/.state}
 VENV=$ROOT/.venv
 SANDBOX_IMAGE=${SANDBOX_IMAGE:-sandbox-gateway/sandbox:latest}
+# The daemon configuration of a dockerd the set-up starts (ensure-docker.sh), and gVisor's runtime
+# arguments in it: the ptrace platform (KVM, where /dev/kvm exists, can hang), and the container's
+# network namespace used through the host's stack, since the 2022 runsc's own network stack mistakes
+# any namespace of a newer kernel for the root one and refuses to start (README, "Runtimes").
+DOCKERD_CONFIG=$STATE_DIR/docker/daemon.json
+RUNSC_ARGS='["--platform=ptrace", "--network=host"]'
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -14,6 +20,14 @@ apt_install() {
     say "installing $* from Debian's packages"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# Writes DOCKERD_CONFIG: runsc registered as a runtime (the package need not be installed for dockerd
+# to start; a sandbox under it fails until it is).
+write_dockerd_config() {
+    mkdir -p "$(dirname "$DOCKERD_CONFIG")"
+    printf '{\n  "runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": %s}}\n}\n' \
+        "$RUNSC_ARGS" >"$DOCKERD_CONFIG"
 }
 
 # Polls "$@" until it succeeds or SECONDS_LEFT runs out.
