@@ -24,8 +24,7 @@ fi
 mkdir -p "$LXCFS_DIR" "$STATE_DIR"
 say "starting lxcfs on $LXCFS_DIR (log: $STATE_DIR/lxcfs.log)"
 # --enable-cfs: CPU counts follow the CPU quota as well as the cpuset; -l: a load average of the
-# sandbox's own. lxcfs 5 stays in the foreground, and keeps no file at its --pidfile (a lock there).
-setsid nohup lxcfs --enable-cfs --enable-loadavg --pidfile "$STATE_DIR/lxcfs.lock" "$LXCFS_DIR" \
+# sandbox's own. lxcfs 5 stays in the foreground.
+setsid nohup lxcfs --enable-cfs --enable-loadavg --pidfile "$STATE_DIR/lxcfs.pid" "$LXCFS_DIR" \
     >>"$STATE_DIR/lxcfs.log" 2>&1 </dev/null &
-echo $! >"$STATE_DIR/lxcfs.pid"
 wait_for 10 serving || die "lxcfs did not serve $LXCFS_DIR within 10 s; see $STATE_DIR/lxcfs.log"
