@@ -60,7 +60,7 @@ async def test_vite_project_is_served_and_hot_updated_through_the_preview(
     )
     try:
         assert ws.protocol == "vite-hmr"
-        assert json.loads((await ws.receive_str(timeout=10)))["type"] == "connected"
+        assert json.loads(await ws.receive_str(timeout=10))["type"] == "connected"
         changed = await client.post(
             "/api/sandbox/exec",
             headers=auth("alice"),
