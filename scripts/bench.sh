@@ -4,6 +4,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 "$ROOT/scripts/ensure-venv.sh"
 "$ROOT/scripts/ensure-docker.sh"
+"$ROOT/scripts/ensure-runsc.sh"
 "$ROOT/scripts/build-image.sh"
 if [[ -z ${DATABASE_URL:-} ]]; then
     DATABASE_URL=$("$ROOT/scripts/ensure-postgres.sh")
@@ -14,6 +15,6 @@ command -v curl >/dev/null || apt_install curl
 command -v npm >/dev/null || apt_install npm
 command -v haproxy >/dev/null || apt_install haproxy
 cd "$ROOT"
-for bench in lifecycle exec terminal proxy api; do
+for bench in lifecycle exec terminal proxy api runtime; do
     "$VENV/bin/python" -m "bench.$bench"
 done
