@@ -52,6 +52,9 @@ def test_values_are_read() -> None:
         ({**BASE, "GATEWAY_JWT_ALGORITHM": "RS256"}, "PEM public key"),
         ({**BASE, "SANDBOX_CA_BUNDLE": "/does/not/exist"}, "SANDBOX_CA_BUNDLE"),
         ({**BASE, "EXEC_DEFAULT_TIMEOUT_MS": "70000"}, "EXEC_DEFAULT_TIMEOUT_MS"),
+        ({**BASE, "SANDBOX_RUNTIME": "runsc --debug"}, "SANDBOX_RUNTIME"),
+        ({**BASE, "SANDBOX_LXCFS": "maybe"}, "SANDBOX_LXCFS"),
+        ({**BASE, "SANDBOX_CPU_PINNING": "pack"}, "SANDBOX_CPU_PINNING"),
     ],
 )
 def test_bad_configuration_names_the_variable(env: dict[str, str], fragment: str) -> None:
