@@ -159,6 +159,12 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         app[ACTIVITY],
     )
     try:
+        await app[SANDBOXES].check_host()
+    except GatewayError as err:
+        # The gateway still serves what exists; each start checks again and is refused with this
+        # message until the host is fixed (or the engine answers).
+        log.warning("sandboxes cannot start on this host yet: %s", err.message)
+    try:
         await app[SANDBOXES].reconcile()
     except GatewayError as err:
         # The gateway serves what it can without Docker; the next start reconciles that user anyway.

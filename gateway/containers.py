@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiodocker
 
@@ -30,6 +30,9 @@ from .errors import (
     SandboxStartFailed,
 )
 from .settings import DiskSettings, Settings
+
+if TYPE_CHECKING:
+    from .runtime import Placement
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def labels(settings: Settings, user: str) -> dict[str, str]:
     return {LABEL_USER: user, LABEL_GATEWAY: settings.gateway_name}
 
 
-def container_config(settings: Settings, user: str) -> dict[str, Any]:
+def container_config(settings: Settings, user: str, placement: Placement | None = None) -> dict[str, Any]:
     limits = settings.limits
     memory = limits.memory_mb * 1024 * 1024
     mounts = _storage_mounts(settings, user)
@@ -72,6 +75,8 @@ def container_config(settings: Settings, user: str) -> dict[str, Any]:
         mounts.append(
             {"Type": "bind", "Source": settings.ca_bundle, "Target": CA_BUNDLE_IN_SANDBOX, "ReadOnly": True}
         )
+    if placement:
+        mounts.extend(placement.mounts)
     return {
         "Image": settings.sandbox_image,
         "User": "sandbox",
@@ -80,9 +85,10 @@ def container_config(settings: Settings, user: str) -> dict[str, Any]:
         # Every terminal and run inherits these: a dev server started with --base "$PREVIEW_BASE"
         # serves correctly behind /preview/<user>/.
         "Env": [f"SANDBOX_USER={user}", f"PREVIEW_BASE=/preview/{user}/"],
-        "Labels": labels(settings, user),
+        "Labels": labels(settings, user) | (placement.labels if placement else {}),
         "ExposedPorts": {PREVIEW_PORT: {}},
         "HostConfig": {
+            "Runtime": settings.sandbox_runtime,
             "Memory": memory,
             # Equal to Memory: no swap on top of the memory limit.
             "MemorySwap": memory,
@@ -97,6 +103,7 @@ def container_config(settings: Settings, user: str) -> dict[str, Any]:
             "LogConfig": LOG_CONFIG,
             "NetworkMode": settings.sandbox_network,
             "RestartPolicy": {"Name": "no"},
+            **(placement.host_config if placement else {}),
         },
     }
 
@@ -186,9 +193,11 @@ def _check_bridge(info: dict[str, Any], bridge: str, settings: Settings) -> None
         )
 
 
-async def create_and_start(docker: aiodocker.Docker, settings: Settings, user: str) -> StartedContainer:
+async def create_and_start(
+    docker: aiodocker.Docker, settings: Settings, user: str, placement: Placement | None = None
+) -> StartedContainer:
     """Creates and starts the user's container; on any failure, removes what it made."""
-    config = container_config(settings, user)
+    config = container_config(settings, user, placement)
     name = container_name(settings, user)
     try:
         with docker_errors("creating the sandbox container", SandboxStartFailed):

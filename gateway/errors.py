@@ -23,6 +23,7 @@
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
         ├── DatabaseUnavailable           database_unavailable
+        ├── HostMisconfigured             host_misconfigured
         ├── EgressNotEnforced             egress_not_enforced
         ├── TooManyConnections            too_many_connections
         ├── DiskQuotaUnavailable          disk_quota_unavailable
@@ -167,6 +168,12 @@ class CapacityExhausted(ServiceUnavailable):
 
 class DockerUnavailable(ServiceUnavailable):
     code = "docker_unavailable"
+
+
+class HostMisconfigured(ServiceUnavailable):
+    """The host lacks what the settings ask for (the sandbox runtime, lxcfs); the message says what."""
+
+    code = "host_misconfigured"
 
 
 class DatabaseUnavailable(ServiceUnavailable):

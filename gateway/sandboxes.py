@@ -18,6 +18,7 @@ from .db import Session
 from .disks import Disks
 from .egress import EgressGuard
 from .errors import GatewayError, SandboxNotFound, SandboxNotRunning, SandboxPaused
+from .runtime import Engine, SandboxHost
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Sandboxes:
         # Learnt at the first start: the floor on free disk applies to the engine's data root too.
         self._docker_root: str | None = None
         self._egress = egress or EgressGuard(settings.egress, settings.sandbox_network)
+        self._host = SandboxHost(settings, docker)
         # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
         self._network_ready = False
         # user -> (published port, when looked up): spares the preview proxy a query per request.
@@ -88,6 +90,8 @@ class Sandboxes:
             await self._check_free_space()
             # Read from the kernel at every start: rules flushed since (a firewall reload) stop starts.
             await self._egress.require()
+            # Before the slot: a host that cannot take the sandbox refuses without touching the row.
+            placement = await self._host.placement()
             await db.reserve_slot(conn, user, self._settings.max_sandboxes)
             try:
                 if not self._network_ready:
@@ -95,7 +99,7 @@ class Sandboxes:
                         await containers.ensure_network(self._docker, self._settings)
                     self._network_ready = True
                 await self._attach_disk(user)
-                started = await containers.create_and_start(self._docker, self._settings, user)
+                started = await containers.create_and_start(self._docker, self._settings, user, placement)
             except BaseException:
                 self._network_ready = False
                 # create_and_start removed what it made, so nothing holds the filesystem.
@@ -113,6 +117,10 @@ class Sandboxes:
 
     async def _attach_disk(self, user: str) -> None:
         await attach_disk(self._disks, self._docker, self._settings, user)
+
+    async def check_host(self) -> Engine:
+        """Whether the host has what sandboxes need (the runtime, lxcfs if required); raises if not."""
+        return await self._host.check()
 
     async def get(self, user: str) -> Session:
         """The user's session; a container that died from outside (OOM, docker kill) is recorded as

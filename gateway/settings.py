@@ -20,6 +20,11 @@ PREVIEW_DOMAIN = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{1,63}(?::\d{1,5})?"
 )
 
+# What dockerd accepts as a runtime's name in its configuration.
+RUNTIME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+LXCFS_MODES = ("auto", "on", "off")
+CPU_PINNING_MODES = ("spread", "off")
+
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
@@ -122,6 +127,13 @@ class Settings:
     sandbox_image: str = "sandbox-gateway/sandbox:latest"
     sandbox_network: str = "sandbox-gateway"
     ca_bundle: str | None = DEFAULT_CA_BUNDLE
+    # The engine's OCI runtime for sandboxes, by the name the engine knows it: runc, or runsc (gVisor).
+    sandbox_runtime: str = "runc"
+    # lxcfs's /proc files over the sandbox's (runc only): "auto" when lxcfs is mounted, "on" (refuse to
+    # start sandboxes without it), "off".
+    sandbox_lxcfs: str = "auto"
+    # Each sandbox on ceil(cpus) of the engine's CPUs, the least used ones ("spread"), or on all ("off").
+    sandbox_cpu_pinning: str = "spread"
     max_sandboxes: int = 50
     limits: SandboxLimits = SandboxLimits()
     disk: DiskSettings = DiskSettings()
@@ -222,6 +234,9 @@ class Settings:
             sandbox_image=env.get("SANDBOX_IMAGE", "sandbox-gateway/sandbox:latest"),
             sandbox_network=env.get("SANDBOX_NETWORK", "sandbox-gateway"),
             ca_bundle=_ca_bundle(env),
+            sandbox_runtime=env.get("SANDBOX_RUNTIME", "").strip() or "runc",
+            sandbox_lxcfs=_choice(env, "SANDBOX_LXCFS", "auto", LXCFS_MODES),
+            sandbox_cpu_pinning=_choice(env, "SANDBOX_CPU_PINNING", "spread", CPU_PINNING_MODES),
             max_sandboxes=_int(env, "MAX_SANDBOXES", 50, minimum=1),
             limits=SandboxLimits(
                 memory_mb=_int(env, "SANDBOX_MEMORY_MB", 512, minimum=16),
@@ -302,6 +317,14 @@ class Settings:
             raise SettingsError("GATEWAY_METRICS_TOKEN must be at least 16 characters long")
         if not Path(self.disk.directory).is_absolute():
             raise SettingsError(f"SANDBOX_DISK_DIR must be an absolute path, got {self.disk.directory!r}")
+        if not RUNTIME_NAME.fullmatch(self.sandbox_runtime):
+            raise SettingsError(f"SANDBOX_RUNTIME must be a runtime's name, got {self.sandbox_runtime!r}")
+        if self.sandbox_lxcfs not in LXCFS_MODES:
+            raise SettingsError(f"SANDBOX_LXCFS must be auto, on or off, got {self.sandbox_lxcfs!r}")
+        if self.sandbox_cpu_pinning not in CPU_PINNING_MODES:
+            raise SettingsError(
+                f"SANDBOX_CPU_PINNING must be spread or off, got {self.sandbox_cpu_pinning!r}"
+            )
         if self.exec.default_timeout_ms > self.exec.max_timeout_ms:
             raise SettingsError("EXEC_DEFAULT_TIMEOUT_MS must not exceed EXEC_MAX_TIMEOUT_MS")
 

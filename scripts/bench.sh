@@ -5,6 +5,7 @@ set -euo pipefail
 "$ROOT/scripts/ensure-venv.sh"
 "$ROOT/scripts/ensure-docker.sh"
 ensure_disk_tools
+"$ROOT/scripts/ensure-runsc.sh"
 "$ROOT/scripts/build-image.sh"
 if [[ -z ${DATABASE_URL:-} ]]; then
     DATABASE_URL=$("$ROOT/scripts/ensure-postgres.sh")
@@ -16,6 +17,6 @@ command -v npm >/dev/null || apt_install npm
 command -v haproxy >/dev/null || apt_install haproxy
 cd "$ROOT"
 # abuse last: it exits 1 when a target is missed, and its terminal case can wedge a gateway until it is killed.
-for bench in lifecycle exec terminal proxy api disk abuse; do
+for bench in lifecycle exec terminal proxy api disk runtime abuse; do
     "$VENV/bin/python" -m "bench.$bench"
 done

@@ -20,7 +20,8 @@ if engine_answers; then
 fi
 [[ $(id -u) == 0 ]] || die "no Docker engine answers and starting dockerd needs root"
 mkdir -p "$STATE_DIR/docker"
+write_dockerd_config
 say "starting dockerd (log: $STATE_DIR/docker/dockerd.log)"
-setsid nohup dockerd --pidfile "$STATE_DIR/docker/dockerd.pid" \
+setsid nohup dockerd --pidfile "$STATE_DIR/docker/dockerd.pid" --config-file "$DOCKERD_CONFIG" \
     >>"$STATE_DIR/docker/dockerd.log" 2>&1 </dev/null &
 wait_for 60 engine_answers || die "dockerd did not answer within 60 s; see $STATE_DIR/docker/dockerd.log"

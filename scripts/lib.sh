@@ -4,6 +4,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE_DIR=${SANDBOX_GATEWAY_STATE:-$ROOT/.state}
 VENV=$ROOT/.venv
 SANDBOX_IMAGE=${SANDBOX_IMAGE:-sandbox-gateway/sandbox:latest}
+# The daemon configuration of a dockerd the set-up starts (ensure-docker.sh), and gVisor's runtime
+# arguments in it: the ptrace platform (KVM, where /dev/kvm exists, can hang), and the container's
+# network namespace used through the host's stack, since the 2022 runsc's own network stack mistakes
+# any namespace of a newer kernel for the root one and refuses to start (README, "Runtimes").
+DOCKERD_CONFIG=$STATE_DIR/docker/daemon.json
+RUNSC_ARGS='["--platform=ptrace", "--network=host"]'
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -21,6 +27,14 @@ apt_install() {
 ensure_disk_tools() {
     command -v mkfs.ext4 >/dev/null && command -v resize2fs >/dev/null || apt_install e2fsprogs
     [[ -e /dev/loop-control ]] || modprobe loop 2>/dev/null || say "no loop devices here: set SANDBOX_DISK_MB=0 (no disk quota) or load the loop module"
+}
+
+# Writes DOCKERD_CONFIG: runsc registered as a runtime (the package need not be installed for dockerd
+# to start; a sandbox under it fails until it is).
+write_dockerd_config() {
+    mkdir -p "$(dirname "$DOCKERD_CONFIG")"
+    printf '{\n  "runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs": %s}}\n}\n' \
+        "$RUNSC_ARGS" >"$DOCKERD_CONFIG"
 }
 
 # Polls "$@" until it succeeds or SECONDS_LEFT runs out.

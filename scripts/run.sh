@@ -7,6 +7,8 @@ set -euo pipefail
 "$ROOT/scripts/ensure-venv.sh"
 "$ROOT/scripts/ensure-docker.sh"
 ensure_disk_tools
+[[ ${SANDBOX_RUNTIME:-runc} != runsc ]] || "$ROOT/scripts/ensure-runsc.sh"
+[[ ${SANDBOX_LXCFS:-auto} == off ]] || "$ROOT/scripts/ensure-lxcfs.sh"
 if [[ -z ${DATABASE_URL:-} ]]; then
     DATABASE_URL=$("$ROOT/scripts/ensure-postgres.sh")
     export DATABASE_URL

@@ -8,6 +8,9 @@ set -euo pipefail
 "$ROOT/scripts/ensure-venv.sh"
 "$ROOT/scripts/ensure-docker.sh"
 ensure_disk_tools
+# The core tests run under gVisor too, and the resource tests read lxcfs's files.
+"$ROOT/scripts/ensure-runsc.sh"
+"$ROOT/scripts/ensure-lxcfs.sh"
 "$ROOT/scripts/build-image.sh"
 "$ROOT/scripts/build-page.sh"
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_install postgresql

@@ -43,6 +43,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["SANDBOX_DISK_DIR"] = TEST_DISKS.directory
 
 
+# Tests marked `runtimes` run once under each; every other test under runc.
+RUNTIMES = ("runc", "runsc")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("runtimes") and "sandbox_runtime" in metafunc.fixturenames:
+        metafunc.parametrize("sandbox_runtime", RUNTIMES, indirect=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that restart shared infrastructure run last, so that nothing else runs through it."""
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
@@ -167,12 +176,30 @@ async def docker() -> AsyncIterator[aiodocker.Docker]:
 
 
 @pytest.fixture
+async def sandbox_runtime(request: pytest.FixtureRequest, docker: aiodocker.Docker) -> str:
+    """The OCI runtime of the test's sandboxes; one the engine must know (CI runs the core tests
+    under gVisor too, so a missing runsc fails them, and says how to add it)."""
+    runtime: str = getattr(request, "param", "runc")
+    known = (await docker.system.info()).get("Runtimes") or {}
+    if runtime not in known:
+        pytest.fail(
+            f"the Docker engine has no runtime {runtime!r} (it knows {', '.join(sorted(known))}):"
+            " scripts/test.sh registers gVisor's (scripts/ensure-runsc.sh); by hand, apt-get install runsc"
+            ' and add "runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs":'
+            ' ["--platform=ptrace", "--network=host"]}} to the engine\'s daemon.json, then SIGHUP dockerd'
+        )
+    return runtime
+
+
+@pytest.fixture
 def gateway_name() -> str:
     return f"sgtest-{secrets.token_hex(4)}"
 
 
 @pytest.fixture
-async def settings(database_url: str, docker: aiodocker.Docker, gateway_name: str) -> AsyncIterator[Settings]:
+async def settings(
+    database_url: str, docker: aiodocker.Docker, gateway_name: str, sandbox_runtime: str
+) -> AsyncIterator[Settings]:
     """Settings for one test's gateway: its own database, port, container names and network, all
     removed after. The page's origin is sandbox.localhost, previews' preview.sandbox.localhost."""
     port = free_port()
@@ -184,6 +211,7 @@ async def settings(database_url: str, docker: aiodocker.Docker, gateway_name: st
         gateway_name=gateway_name,
         sandbox_network=gateway_name,
         sandbox_image=SANDBOX_IMAGE,
+        sandbox_runtime=sandbox_runtime,
         limits=SandboxLimits(memory_mb=256, cpus=1.0, pids=128),
         disk=TEST_DISKS,
         exec=ExecSettings(),

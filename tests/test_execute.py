@@ -31,6 +31,7 @@ async def sandbox(client: TestClient) -> TestClient:
     return client
 
 
+@pytest.mark.runtimes
 @pytest.mark.parametrize(
     ("language", "code"),
     [
@@ -66,6 +67,7 @@ async def test_code_is_not_shell_interpolated(sandbox: TestClient) -> None:
     assert check["stdout"] == "no\n"
 
 
+@pytest.mark.runtimes
 async def test_stdin_reaches_the_program_then_eof(sandbox: TestClient) -> None:
     result = await run(
         sandbox, language="python", code="import sys; print(sys.stdin.read()[::-1])", stdin="abc\n"
@@ -91,6 +93,7 @@ async def test_timeout_kills_a_busy_loop(sandbox: TestClient) -> None:
     assert 700 <= result["duration_ms"] < 5000
 
 
+@pytest.mark.runtimes
 async def test_timeout_kills_forked_and_detached_children(sandbox: TestClient) -> None:
     code = (
         "(setsid sleep 4242 &) ; nohup sleep 4343 >/dev/null 2>&1 & "
@@ -106,6 +109,7 @@ async def test_timeout_kills_forked_and_detached_children(sandbox: TestClient) -
     assert left["stdout"] == "0\n"
 
 
+@pytest.mark.runtimes
 async def test_children_do_not_outlive_a_run_that_finished(sandbox: TestClient) -> None:
     result = await run(sandbox, language="bash", code="nohup sleep 4545 >/dev/null 2>&1 & echo forked")
     assert (result["stdout"], result["timed_out"]) == ("forked\n", False)

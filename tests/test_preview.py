@@ -220,6 +220,7 @@ async def test_redirects_and_cookies_stay_inside_the_prefix(preview: Preview) ->
     assert (await preview.request("GET", "status/418")).status == 418
 
 
+@pytest.mark.runtimes
 async def test_websocket_subprotocol_frames_pings_and_close_codes(preview: Preview) -> None:
     headers = {"Host": preview.host, **auth("alice")}
     ws = await preview.http.ws_connect(

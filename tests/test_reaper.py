@@ -61,6 +61,7 @@ async def make_idle(client: TestClient, *users: str) -> None:
         )
 
 
+@pytest.mark.runtimes
 async def test_workspace_survives_stop_and_start(client: TestClient) -> None:
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
     await bash(client, "echo kept > /workspace/note.txt")

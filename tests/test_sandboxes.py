@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.containers import LABEL_GATEWAY, LABEL_USER
 from gateway.disks import disk_paths
+from gateway.runtime import gvisor_pids
 from gateway.settings import Settings
 
 from .helpers import MakeClient, auth, poll
@@ -24,6 +25,7 @@ async def containers_of(docker: aiodocker.Docker, settings: Settings) -> list[di
     return [c._container for c in await docker.containers.list(all="1", filters=label)]
 
 
+@pytest.mark.runtimes
 async def test_start_creates_then_returns_the_same_sandbox(client: TestClient, settings: Settings) -> None:
     first = await client.post("/api/sandbox", headers=auth("alice"))
     assert first.status == 201
@@ -44,6 +46,7 @@ async def test_start_creates_then_returns_the_same_sandbox(client: TestClient, s
     assert (await shown.json())["state"] == "running"
 
 
+@pytest.mark.runtimes
 async def test_container_is_locked_down(
     client: TestClient, docker: aiodocker.Docker, settings: Settings
 ) -> None:
@@ -56,10 +59,16 @@ async def test_container_is_locked_down(
     assert host["Memory"] == 256 * 1024 * 1024
     assert host["MemorySwap"] == host["Memory"]
     assert host["NanoCpus"] == 1_000_000_000
-    assert host["PidsLimit"] == 128
+    if settings.sandbox_runtime == "runsc":
+        # gVisor keeps the limit itself; the cgroup only bounds its own threads (runtime.gvisor_pids).
+        assert host["Ulimits"] == [{"Name": "nproc", "Soft": 128, "Hard": 128}]
+        assert host["PidsLimit"] == gvisor_pids(128).host
+    else:
+        assert host["PidsLimit"] == 128
     assert host["CapDrop"] == ["ALL"]
     assert host["SecurityOpt"] == ["no-new-privileges"]
     assert host["Privileged"] is False
+    assert host["Runtime"] == settings.sandbox_runtime
     bindings = info["NetworkSettings"]["Ports"]["5173/tcp"]
     assert bindings
     assert all(b["HostIp"] == "127.0.0.1" for b in bindings)

@@ -67,6 +67,9 @@ def test_values_are_read() -> None:
         ({**BASE, "SANDBOX_DISK_DIR": "disks"}, "SANDBOX_DISK_DIR must be an absolute path"),
         ({**BASE, "SANDBOX_TMP_MB": "0"}, "SANDBOX_TMP_MB"),
         ({**BASE, "SANDBOX_MIN_FREE_DISK_MB": "lots"}, "SANDBOX_MIN_FREE_DISK_MB"),
+        ({**BASE, "SANDBOX_RUNTIME": "runsc --debug"}, "SANDBOX_RUNTIME"),
+        ({**BASE, "SANDBOX_LXCFS": "maybe"}, "SANDBOX_LXCFS"),
+        ({**BASE, "SANDBOX_CPU_PINNING": "pack"}, "SANDBOX_CPU_PINNING"),
     ],
 )
 def test_bad_configuration_names_the_variable(env: dict[str, str], fragment: str) -> None:

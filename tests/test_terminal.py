@@ -84,6 +84,7 @@ async def ready(client: TestClient, query: str = "", headers: dict[str, str] | N
     return screen
 
 
+@pytest.mark.runtimes
 async def test_echo_round_trip(sandbox: TestClient) -> None:
     screen = await ready(sandbox)
     assert screen.ws.protocol == PROTOCOL
@@ -91,6 +92,7 @@ async def test_echo_round_trip(sandbox: TestClient) -> None:
     await screen.expect(b"hello-42\r\nsandbox\r\n/workspace")
 
 
+@pytest.mark.runtimes
 async def test_resize_reaches_the_tty(sandbox: TestClient) -> None:
     screen = await ready(sandbox, query="?cols=100&rows=30")
     await screen.type(b"stty size\r")
@@ -100,6 +102,7 @@ async def test_resize_reaches_the_tty(sandbox: TestClient) -> None:
     await screen.expect(b"45 123")
 
 
+@pytest.mark.runtimes
 async def test_ctrl_c_interrupts_the_foreground_process(
     sandbox: TestClient, docker: aiodocker.Docker
 ) -> None:
@@ -136,6 +139,7 @@ async def test_bytes_survive_both_ways(sandbox: TestClient) -> None:
     await screen.expect(b"ff fe c3 a9 0a")
 
 
+@pytest.mark.runtimes
 async def test_closing_the_socket_hangs_up_the_shell(sandbox: TestClient, docker: aiodocker.Docker) -> None:
     screen = await ready(sandbox)
     container_id = await running_container_id(sandbox, "alice")
