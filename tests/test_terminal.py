@@ -145,6 +145,14 @@ async def test_closing_the_socket_hangs_up_the_shell(sandbox: TestClient, docker
     container_id = await running_container_id(sandbox, "alice")
     await screen.type(b"sleep 4747 & nohup sleep 4848 >/dev/null 2>&1 & echo started\r")
     await screen.expect(b"started")
+
+    async def both_running() -> bool:
+        # "started" prints as the jobs fork: a hang-up before nohup has ignored SIGHUP would end it
+        # too (under gVisor's ptrace platform, exec is slow enough for that to happen).
+        jobs = [["pgrep", "-f", f"^sleep {n}"] for n in (4747, 4848)]
+        return all([await docker_shell_ok(docker, container_id, job) for job in jobs])
+
+    await poll(both_running)
     await screen.ws.close()
 
     async def job_gone() -> bool:
