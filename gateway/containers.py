@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiodocker
 
-from . import disks, egress
+from . import disks, egress_rules
 from .errors import (
     DiskQuotaUnavailable,
     DockerFailed,
@@ -155,8 +155,8 @@ def docker_errors(doing: str, refused: type[DockerFailed] = DockerFailed) -> Ite
 
 async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
     """Creates the sandboxes' bridge network, on which containers cannot talk to each other."""
-    # The egress rules name the bridge (egress.py), so the network gets a name for it, fixed.
-    bridge = egress.bridge_name(settings.sandbox_network)
+    # The egress rules name the bridge (egress_rules.py), so the network gets a name for it, fixed.
+    bridge = egress_rules.bridge_name(settings.sandbox_network)
     with docker_errors("preparing the sandbox network"):
         try:
             network = await docker.networks.get(settings.sandbox_network)
@@ -173,7 +173,7 @@ async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
                     "CheckDuplicate": True,
                     "Options": {
                         "com.docker.network.bridge.enable_icc": "false",
-                        egress.BRIDGE_OPTION: bridge,
+                        egress_rules.BRIDGE_OPTION: bridge,
                     },
                     "Labels": {LABEL_GATEWAY: settings.gateway_name},
                 }
@@ -185,7 +185,8 @@ async def ensure_network(docker: aiodocker.Docker, settings: Settings) -> None:
 
 
 def _check_bridge(info: dict[str, Any], bridge: str, settings: Settings) -> None:
-    if settings.egress.mode != "open" and (info.get("Options") or {}).get(egress.BRIDGE_OPTION) != bridge:
+    named = (info.get("Options") or {}).get(egress_rules.BRIDGE_OPTION)
+    if settings.egress.mode != "open" and named != bridge:
         # Made by a gateway older than the egress policy: the rules would guard another bridge.
         raise EgressNotEnforced(
             f"the network {settings.sandbox_network} has no bridge named {bridge}, which the egress"

@@ -37,7 +37,7 @@ NETWORK_MODES = ("none", "public", "open")
 
 @dataclass(frozen=True, kw_only=True)
 class EgressPolicy:
-    """What a sandbox may reach (README, "Egress policy"); the rules that enforce it: egress.py."""
+    """What a sandbox may reach (README, "Egress policy"); the rules that enforce it: egress_rules.py."""
 
     # none: nothing; public: the internet but not the host, link-local or private ranges; open: all.
     mode: str = "public"

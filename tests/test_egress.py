@@ -22,7 +22,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.containers import LABEL_GATEWAY
-from gateway.egress import BRIDGE_OPTION, EgressGuard, Ruleset, Saved, bridge_name, parse_resolvers, rulesets
+from gateway.egress import EgressGuard
+from gateway.egress_rules import BRIDGE_OPTION, Ruleset, Saved, bridge_name, parse_resolvers, rulesets
 from gateway.settings import EgressPolicy, IPAddress, Settings, SettingsError
 
 from .helpers import MakeClient, auth, poll, running_container_id
