@@ -14,8 +14,8 @@ from aiohttp import web
 
 from .access_log import AccessLogger
 from .app import SERVER_OPTIONS, create_app
-from .frontdoor import GatewayRunner
 from .logs import configure_logging
+from .server import GatewayRunner
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("gateway")

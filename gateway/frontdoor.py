@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 from aiohttp.log import access_logger
@@ -28,12 +28,8 @@ from .access_log import log_access
 from .app import KEEPALIVE_S
 from .connections import (
     REFUSAL_ANSWERS,
-    REFUSALS,
-    ClientConnections,
     Refusal,
     Slot,
-    connection_ceiling,
-    open_file_limit,
 )
 from .door_answers import answer_now, response_head, stream_answer, timed_out, upgrade_refused
 from .errors import GatewayError
@@ -44,16 +40,18 @@ from .logs import current_request_id, request_id_for
 from .metrics import Metrics
 from .preview_access import PATH_ROUTE_LABEL, ROOT_ROUTE_LABEL, Admitted, PreviewGate, PreviewRequest, Route
 from .preview_headers import request_head, upgrade_head, upgrade_response_headers, upstream_headers
-from .request_handler import GatewayRequestHandler
 from .settings import Settings
 from .splice import Splice, UpgradeRefused, upgrade_upstream
 from .upstream import Response, UpstreamConnection, UpstreamError, UpstreamPool, UpstreamTimeout
+
+if TYPE_CHECKING:
+    # server.py makes the doors; a door only reads its server's state.
+    from .server import GatewayServer
 
 log = logging.getLogger(__name__)
 
 # Bytes a client may send ahead (pipelining) before reading from it pauses.
 READ_AHEAD = 256 * 1024
-SHUTDOWN_S = 10.0
 
 
 class HandOver(Exception):
@@ -88,99 +86,6 @@ class Deps:
     def of(cls, app: web.Application) -> Deps:
         return cls(
             settings=app[SETTINGS], gate=app[PREVIEW_GATE], upstream=app[UPSTREAM], metrics=app[METRICS]
-        )
-
-
-class GatewayServer(web.Server):
-    """aiohttp's server, with the front door as each connection's first protocol."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        handler: Any,
-        *,
-        request_factory: Any = None,
-        handler_cancellation: bool = False,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            handler, request_factory=request_factory, handler_cancellation=handler_cancellation, **options
-        )
-        self.app = app
-        # What aiohttp's own protocol is made with (keep-alive, access log, ...), for hand-overs.
-        self._handler_options = options
-        self._handler_options.setdefault("loop", asyncio.get_running_loop())
-        settings, metrics = app[SETTINGS], app[METRICS]
-        self.head_timeout_s = settings.header_timeout_s
-        self.client_connections = ClientConnections(
-            connection_ceiling(settings.max_connections, open_file_limit()),
-            settings.max_connections_per_client,
-        )
-        log.info(
-            "client connections: at most %d, %s per client address; request heads within %g s",
-            self.client_connections.ceiling,
-            settings.max_connections_per_client or "no bound",
-            self.head_timeout_s,
-        )
-        metrics.client_connections.set_function(self.client_connections.count)
-        metrics.connection_limit.labels("total").set(self.client_connections.ceiling)
-        metrics.connection_limit.labels("per_client").set(settings.max_connections_per_client)
-        self.refused = {reason: metrics.connections_refused.labels(reason) for reason in REFUSALS}
-        self.door_head_timeouts = metrics.head_timeouts.labels("door")
-        self._aiohttp_head_timeouts = metrics.head_timeouts.labels("aiohttp")
-        self.doors: set[FrontDoor] = set()
-        self.splices: set[Splice] = set()
-        # Requests the front door answered, and connections it handed to aiohttp (tests read them).
-        self.answered = 0
-        self.handed_over = 0
-
-    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
-        return FrontDoor(self)
-
-    @functools.cached_property
-    def deps(self) -> Deps:
-        # On the first request, not at construction: by then the app has started and set them all.
-        return Deps.of(self.app)
-
-    def aiohttp_protocol(self, slot: Slot | None, head_started: float) -> GatewayRequestHandler:
-        """aiohttp's own protocol, for a connection the front door hands over: it takes the
-        connection's slot, and times the head the door was reading from `head_started`."""
-        return GatewayRequestHandler(
-            self,
-            slot=slot,
-            head_timeout_s=self.head_timeout_s,
-            head_started=head_started,
-            on_head_timeout=self._aiohttp_head_timeouts.inc,
-            **self._handler_options,
-        )
-
-    def pre_shutdown(self) -> None:
-        super().pre_shutdown()
-        for door in list(self.doors):
-            door.close_when_idle()
-        for splice in list(self.splices):
-            splice.close()
-
-    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
-        # Answers that need no task of their own are a loop pass from done; those with one get time.
-        busy = [door.task for door in self.doors if door.task is not None]
-        await super().shutdown(timeout)
-        if busy:
-            _, pending = await asyncio.wait(busy, timeout=timeout or SHUTDOWN_S)
-            for task in pending:
-                task.cancel()
-        for door in list(self.doors):
-            door.close()
-
-
-class GatewayRunner(web.AppRunner):
-    """An AppRunner whose server is the GatewayServer; for web sites and TestServer alike."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # The same handler, request factory and options aiohttp's own server was made with.
-        return GatewayServer(
-            self.app, server.request_handler, request_factory=server.request_factory, **self._kwargs
         )
 
 

@@ -14,8 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
-from gateway.frontdoor import GatewayRunner
 from gateway.keys import DB
+from gateway.server import GatewayRunner
 from gateway.settings import Settings
 from gateway.tokens import mint_token
 

@@ -14,10 +14,10 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 
-from gateway.frontdoor import GatewayServer
 from gateway.http1 import parse_head
 from gateway.keys import METRICS
 from gateway.preview_access import PATH_ROUTE_LABEL, ROOT_ROUTE_LABEL
+from gateway.server import GatewayServer
 from gateway.settings import Settings
 
 from . import test_preview
