@@ -243,14 +243,8 @@ async def running_container(
     docker: aiodocker.Docker, settings: Settings, user: str
 ) -> StartedContainer | None:
     """The user's container by its name, if it runs: what a start that died half-way may have left."""
-    with docker_errors("inspecting the sandbox container"):
-        try:
-            info = await docker.containers.container(container_name(settings, user)).show()
-        except aiodocker.DockerError as err:
-            if err.status == 404:
-                return None
-            raise
-    if not info["State"]["Running"] or info["State"].get("Paused"):
+    info = await _inspect(docker, container_name(settings, user))
+    if info is None or _status_of(info["State"]) != RUNNING:
         return None
     return StartedContainer(id=info["Id"], host_port=_published_port(info))
 
@@ -292,13 +286,23 @@ async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, La
 
 async def status(docker: aiodocker.Docker, container_id: str) -> str:
     """ "running", "paused", or why the container no longer runs (oom_killed, exited_137, container_gone)."""
+    info = await _inspect(docker, container_id)
+    return "container_gone" if info is None else _status_of(info["State"])
+
+
+async def _inspect(docker: aiodocker.Docker, container: str) -> dict[str, Any] | None:
+    """The engine's view of a container (by id or name); None if there is none."""
     with docker_errors("inspecting the sandbox container"):
         try:
-            state = (await docker.containers.container(container_id).show())["State"]
+            info: dict[str, Any] = await docker.containers.container(container).show()
         except aiodocker.DockerError as err:
             if err.status == 404:
-                return "container_gone"
+                return None
             raise
+    return info
+
+
+def _status_of(state: dict[str, Any]) -> str:
     if state["Running"]:
         return PAUSED if state.get("Paused") else RUNNING
     if state.get("OOMKilled"):
@@ -339,12 +343,9 @@ async def exit_code(execution: Any) -> int | None:
 async def remove_workspace(docker: aiodocker.Docker, settings: Settings, user: str) -> bool:
     """Deletes the user's workspace volume; whether there was one."""
     with docker_errors("removing the workspace"):
-        try:
-            volume = await docker.volumes.get(workspace_volume(settings, user))  # type: ignore[no-untyped-call]
-        except aiodocker.DockerError as err:
-            if err.status == 404:
-                return False
-            raise
+        volume = await _workspace_volume(docker, settings, user)
+        if volume is None:
+            return False
         await volume.delete()
     return True
 
@@ -352,14 +353,22 @@ async def remove_workspace(docker: aiodocker.Docker, settings: Settings, user: s
 async def old_workspace_folder(docker: aiodocker.Docker, settings: Settings, user: str) -> str | None:
     """Where the engine keeps the user's workspace volume from before quotas, if there is one."""
     with docker_errors("looking for an old workspace volume"):
-        try:
-            volume = await docker.volumes.get(workspace_volume(settings, user))  # type: ignore[no-untyped-call]
-        except aiodocker.DockerError as err:
-            if err.status == 404:
-                return None
-            raise
+        volume = await _workspace_volume(docker, settings, user)
+        if volume is None:
+            return None
         info = await volume.show()
     return str(info["Mountpoint"])
+
+
+async def _workspace_volume(docker: aiodocker.Docker, settings: Settings, user: str) -> Any:
+    """The user's workspace volume (aiodocker's DockerVolume, untyped there), or None if there is none.
+    Inside the caller's docker_errors."""
+    try:
+        return await docker.volumes.get(workspace_volume(settings, user))  # type: ignore[no-untyped-call]
+    except aiodocker.DockerError as err:
+        if err.status == 404:
+            return None
+        raise
 
 
 async def image_home(docker: aiodocker.Docker, settings: Settings) -> tarfile.TarFile:
