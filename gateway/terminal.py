@@ -29,11 +29,11 @@ import asyncpg
 from aiodocker.stream import Stream
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import db, terminal_leases
+from . import containers, db, terminal_leases
 from .activity import Seen
 from .auth import check_origin
 from .containers import exec_errors, exit_code
-from .errors import GatewayError, SandboxNotRunning
+from .errors import GatewayError, SandboxNotFound, SandboxNotRunning
 from .keys import ACTIVITY, DOCKER_STREAMS, SANDBOXES, SETTINGS, TERMINAL_LEASES, TERMINALS, USER
 from .sandboxes import Sandboxes
 
@@ -229,12 +229,16 @@ async def _why_stopped(sandboxes: Sandboxes, user: str, shell_status: int | None
     deadline = asyncio.get_running_loop().time() + (
         DEATH_NOTICE_S if shell_status is None or shell_status >= SIGNAL_EXIT else 0
     )
-    while not await sandboxes.has_stopped(user):
+    while True:
+        try:
+            session = await sandboxes.get(user)  # records a death from outside, as has_stopped does
+        except SandboxNotFound:
+            return "the sandbox stopped"
+        except GatewayError:
+            session = None  # the engine or the database away: cannot tell, so as if it still ran
+        if session is not None and session.state not in (containers.RUNNING, containers.PAUSED):
+            why = session.stop_reason
+            return f"the sandbox stopped ({why})" if why else "the sandbox stopped"
         if asyncio.get_running_loop().time() >= deadline:
             return None
         await asyncio.sleep(0.05)
-    try:
-        session = await sandboxes.get(user)
-    except GatewayError:
-        return "the sandbox stopped"
-    return f"the sandbox stopped ({session.stop_reason})" if session.stop_reason else "the sandbox stopped"
