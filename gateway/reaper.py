@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import asyncpg
 from aiohttp import web
@@ -25,41 +24,24 @@ from .terminal import hang_up_orphans
 log = logging.getLogger(__name__)
 
 PARALLEL_STOPS = 8
-T = TypeVar("T")
 
 
 async def reap_once(sandboxes: Sandboxes, pool: asyncpg.Pool, idle_timeout_s: float) -> list[str]:
     """One pass: the users whose sandboxes this pass stopped."""
     async with db.connection(pool) as conn:
         candidates = await db.idle_users(conn, idle_timeout_s)
-    stopped = await _a_few_at_a_time(candidates, lambda user: sandboxes.stop_if_idle(user, idle_timeout_s))
+    # A few stops at a time: each waits on Docker, and the pool must keep room for requests.
+    room = asyncio.Semaphore(PARALLEL_STOPS)
+
+    async def stop(user: str) -> bool:
+        async with room:
+            return await sandboxes.stop_if_idle(user, idle_timeout_s)
+
+    stopped = await asyncio.gather(*(stop(user) for user in candidates))
     reaped = [user for user, done in zip(candidates, stopped, strict=True) if done]
     if reaped:
         log.info("reaped %d idle sandboxes: %s", len(reaped), ", ".join(reaped))
     return reaped
-
-
-async def resolve_unfinished(sandboxes: Sandboxes, pool: asyncpg.Pool) -> list[str]:
-    """One pass over starts and stops left half-done by a crash or an outage; the users resolved."""
-    async with db.connection(pool) as conn:
-        candidates = await db.unfinished_users(conn)
-    outcomes = await _a_few_at_a_time(candidates, sandboxes.resolve_unfinished)
-    resolved = [f"{user} ({done})" for user, done in zip(candidates, outcomes, strict=True) if done]
-    if resolved:
-        log.info("resolved %d interrupted starts or stops: %s", len(resolved), ", ".join(resolved))
-    return resolved
-
-
-async def _a_few_at_a_time(users: list[str], action: Callable[[str], Awaitable[T]]) -> list[T]:
-    """`action` for each user, PARALLEL_STOPS at a time: each waits on Docker, and the pools must keep
-    room for requests."""
-    room = asyncio.Semaphore(PARALLEL_STOPS)
-
-    async def one(user: str) -> T:
-        async with room:
-            return await action(user)
-
-    return await asyncio.gather(*(one(user) for user in users))
 
 
 async def _reap_forever(app: web.Application) -> None:
@@ -70,7 +52,7 @@ async def _reap_forever(app: web.Application) -> None:
         started = time.perf_counter()
         try:
             reaped = await reap_once(app[SANDBOXES], app[DB], settings.idle_timeout_s)
-            await resolve_unfinished(app[SANDBOXES], app[DB])
+            await app[SANDBOXES].resolve_all_unfinished()
             await hang_up_orphans(app[DB], app[SANDBOXES], app[DOCKER_STREAMS])
             async with db.connection(app[DB]) as conn:
                 await db.forget_rate_limits(conn)

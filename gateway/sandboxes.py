@@ -143,7 +143,7 @@ class Sandboxes:
         """Whether the user's sandbox is not running, as `get` finds it (recording a death from
         outside); False when that cannot be told (the engine or the database away)."""
         try:
-            return (await self.get(user)).state not in ("running", containers.PAUSED)
+            return (await self.get(user)).state not in (containers.RUNNING, containers.PAUSED)
         except SandboxNotFound:
             return True
         except GatewayError:
@@ -209,6 +209,19 @@ class Sandboxes:
             await self._stop_locked(conn, user, session, reason or "stop_interrupted")
             return "stopped"
 
+    async def resolve_all_unfinished(self) -> list[str]:
+        """One pass of resolve_unfinished over every row half-way through a start or a stop (rare:
+        what crashes and outages leave), by reconciliation and by every reaper pass; who and how."""
+        async with db.connection(self._pool) as conn:
+            candidates = await db.unfinished_users(conn)
+        resolved = []
+        for user in candidates:
+            if done := await self.resolve_unfinished(user):
+                resolved.append(f"{user} ({done})")
+        if resolved:
+            log.info("resolved %d interrupted starts or stops: %s", len(resolved), ", ".join(resolved))
+        return resolved
+
     async def _stop_locked(self, conn: db.Connection, user: str, session: Session, reason: str) -> None:
         await db.mark_stopping(conn, user, reason)
         # A start that died half-way left no id, only the container's deterministic name.
@@ -232,10 +245,7 @@ class Sandboxes:
         in between, and a session read after the listing would name a container the listing missed,
         which would then pass for gone. Read first, anything started since is simply not looked at,
         and whatever changed since is re-read under the user's lock."""
-        async with db.connection(self._pool) as conn:
-            unfinished = await db.unfinished_users(conn)
-        for user in unfinished:
-            await self.resolve_unfinished(user)
+        await self.resolve_all_unfinished()
         async with db.connection(self._pool) as conn:
             active = {s.user: s for s in await db.active_sessions(conn)}
         found = await containers.labelled(self._docker, self._settings)

@@ -99,13 +99,18 @@ async def _wait_healthy(http: aiohttp.ClientSession, gateway: GatewayProcess) ->
 
 
 async def stop(gateway: GatewayProcess) -> None:
-    if gateway.process.returncode is None:
-        gateway.process.send_signal(signal.SIGINT)
+    await stop_process(gateway.process)
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    """SIGINT, as an operator stops a gateway, then SIGKILL if it has not ended 20 s later."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGINT)
         try:
-            await asyncio.wait_for(gateway.process.wait(), 20)
+            await asyncio.wait_for(process.wait(), 20)
         except TimeoutError:
-            gateway.process.kill()
-            await gateway.process.wait()
+            process.kill()
+            await process.wait()
 
 
 @pytest.fixture

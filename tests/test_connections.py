@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import resource
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ from gateway.connections import DEPENDENCY_RESERVE, FILES_PER_CONNECTION, connec
 from gateway.keys import METRICS
 from gateway.settings import Settings
 
+from .gateway_processes import stop_process
 from .helpers import JWT_SECRET, MakeClient, auth, free_port, poll
 from .test_frontdoor import server_of
 from .test_preview import Preview, ready_preview
@@ -429,13 +429,7 @@ async def limited_gateway(settings: Settings, tmp_path: Path) -> AsyncIterator[L
         await poll(healthy, timeout_s=30, interval_s=0.1)
         yield gateway
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_process(process)
 
 
 def _enough_files_for_the_flood() -> None:

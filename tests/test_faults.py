@@ -17,7 +17,6 @@ from aiohttp.test_utils import TestClient
 from gateway import containers, db
 from gateway.disks import Disks
 from gateway.keys import DB, SANDBOXES, TERMINAL_LEASES
-from gateway.reaper import resolve_unfinished
 from gateway.sandboxes import attach_disk
 from gateway.settings import Settings
 
@@ -68,7 +67,7 @@ async def test_a_start_that_died_holds_no_slot_and_is_adopted_or_stopped(
     for user in ("alice", "bob"):
         assert (await client.post("/api/sandbox", headers=auth(user))).status == 201
 
-    resolved = await resolve_unfinished(client.app[SANDBOXES], client.app[DB])
+    resolved = await client.app[SANDBOXES].resolve_all_unfinished()
     assert sorted(resolved) == ["ghost (adopted)", "phantom (stopped)"]
     # The adopted one is whole: recorded, running, usable.
     assert await state_of(client, "ghost") == "running"
@@ -76,7 +75,7 @@ async def test_a_start_that_died_holds_no_slot_and_is_adopted_or_stopped(
     phantom = await (await client.get("/api/sandbox", headers=auth("phantom"))).json()
     assert (phantom["state"], phantom["stop_reason"]) == ("stopped", "start_interrupted")
     # Nothing left half-done, and another pass finds nothing to do.
-    assert await resolve_unfinished(client.app[SANDBOXES], client.app[DB]) == []
+    assert await client.app[SANDBOXES].resolve_all_unfinished() == []
 
 
 async def test_a_start_in_progress_is_counted_and_left_alone(
@@ -89,7 +88,7 @@ async def test_a_start_in_progress_is_counted_and_left_alone(
         refused = await client.post("/api/sandbox", headers=auth("alice"))
         assert refused.status == 503
         assert (await refused.json())["error"]["code"] == "capacity_exhausted"
-        assert await resolve_unfinished(client.app[SANDBOXES], client.app[DB]) == []
+        assert await client.app[SANDBOXES].resolve_all_unfinished() == []
         async with client.app[DB].acquire() as conn:
             assert (await db.get_session(conn, "slow")).state == "starting"  # type: ignore[union-attr]
 
@@ -99,7 +98,7 @@ async def test_a_stop_that_died_is_finished(client: TestClient, docker: aiodocke
     container_id = await running_container_id(client, "alice")
     async with client.app[DB].acquire() as conn:
         await db.mark_stopping(conn, "alice", "user")
-    assert await resolve_unfinished(client.app[SANDBOXES], client.app[DB]) == ["alice (stopped)"]
+    assert await client.app[SANDBOXES].resolve_all_unfinished() == ["alice (stopped)"]
     assert await state_of(client, "alice") == "stopped"
     assert await containers.status(docker, container_id) == "container_gone"
 
@@ -129,7 +128,7 @@ async def test_postgres_restarted_under_starts_leaks_nothing(
 
     await poll(database_back, timeout_s=30)
     # One reaper pass later, every row agrees with Docker, and every user can start and run.
-    await resolve_unfinished(client.app[SANDBOXES], client.app[DB])
+    await client.app[SANDBOXES].resolve_all_unfinished()
     async with client.app[DB].acquire() as conn:
         assert await db.unfinished_users(conn) == []
     found = await containers.labelled(docker, settings)
