@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import tarfile
 import time
 from collections.abc import Iterator
@@ -39,6 +40,13 @@ log = logging.getLogger(__name__)
 LABEL_USER = "sandbox-gateway.user"
 LABEL_GATEWAY = "sandbox-gateway.gateway"
 PREVIEW_PORT = "5173/tcp"
+# The agent's port (sandbox-image/agent): the only other one published, and on 127.0.0.1 only.
+AGENT_PORT = "49983/tcp"
+AGENT_COMMAND = ["/usr/local/bin/sandbox-agent"]
+# The agent's, as root: starting the user's programs as `sandbox` with a tag group (SETUID, SETGID),
+# ending them (KILL), and giving a terminal to its shell's user (CHOWN). Nothing the user runs has any:
+# no-new-privileges, and they run as uid 1000.
+AGENT_CAPABILITIES = ["SETUID", "SETGID", "KILL", "CHOWN"]
 CA_BUNDLE_IN_SANDBOX = "/etc/ssl/certs/ca-certificates.crt"
 HOME_IN_SANDBOX = "/home/sandbox"
 # PID 1's output is all that reaches the engine's log, and nothing of the gateway's reads it: enough
@@ -53,6 +61,7 @@ RUNNING, PAUSED = "running", "paused"
 class StartedContainer:
     id: str
     host_port: int
+    agent_port: int
 
 
 def container_name(settings: Settings, user: str) -> str:
@@ -67,7 +76,12 @@ def labels(settings: Settings, user: str) -> dict[str, str]:
     return {LABEL_USER: user, LABEL_GATEWAY: settings.gateway_name}
 
 
-def container_config(settings: Settings, user: str, placement: Placement | None = None) -> dict[str, Any]:
+def container_config(
+    settings: Settings, user: str, placement: Placement | None = None, *, agent_secret: str | None = None
+) -> dict[str, Any]:
+    """The container of the user's sandbox. Without `agent_secret`, its agent gets one nobody knows:
+    a container made by hand (tests, benchmarks) runs, but nothing can talk to its agent."""
+    agent_secret = agent_secret or secrets.token_urlsafe(32)
     limits = settings.limits
     memory = limits.memory_mb * 1024 * 1024
     mounts = _storage_mounts(settings, user)
@@ -79,14 +93,21 @@ def container_config(settings: Settings, user: str, placement: Placement | None 
         mounts.extend(placement.mounts)
     return {
         "Image": settings.sandbox_image,
-        "User": "sandbox",
+        # The agent's user; it starts everything else as `sandbox`.
+        "User": "root",
+        "Cmd": AGENT_COMMAND,
         "WorkingDir": "/workspace",
         "Hostname": "sandbox",
-        # Every terminal and run inherits these: a dev server started with --base "$PREVIEW_BASE"
-        # serves correctly behind /preview/<user>/.
-        "Env": [f"SANDBOX_USER={user}", f"PREVIEW_BASE=/preview/{user}/"],
+        # Every terminal and run inherits the first two: a dev server started with --base
+        # "$PREVIEW_BASE" serves correctly behind /preview/<user>/. The agent takes its secret out of
+        # its environment before it starts anything, and PID 1's (root's) cannot be read by the user.
+        "Env": [
+            f"SANDBOX_USER={user}",
+            f"PREVIEW_BASE=/preview/{user}/",
+            f"SANDBOX_AGENT_SECRET={agent_secret}",
+        ],
         "Labels": labels(settings, user) | (placement.labels if placement else {}),
-        "ExposedPorts": {PREVIEW_PORT: {}},
+        "ExposedPorts": {PREVIEW_PORT: {}, AGENT_PORT: {}},
         "HostConfig": {
             "Runtime": settings.sandbox_runtime,
             "Memory": memory,
@@ -95,9 +116,12 @@ def container_config(settings: Settings, user: str, placement: Placement | None 
             "NanoCpus": int(limits.cpus * 1e9),
             "PidsLimit": limits.pids,
             "CapDrop": ["ALL"],
+            "CapAdd": AGENT_CAPABILITIES,
             "SecurityOpt": ["no-new-privileges"],
-            # Only this host may reach the dev server port; the gateway proxies it.
-            "PortBindings": {PREVIEW_PORT: [{"HostIp": "127.0.0.1", "HostPort": ""}]},
+            # Only this host may reach the dev server port and the agent; the gateway proxies both.
+            "PortBindings": {
+                port: [{"HostIp": "127.0.0.1", "HostPort": ""}] for port in (PREVIEW_PORT, AGENT_PORT)
+            },
             "Mounts": mounts,
             **_writable_places(settings),
             "LogConfig": LOG_CONFIG,
@@ -195,10 +219,15 @@ def _check_bridge(info: dict[str, Any], bridge: str, settings: Settings) -> None
 
 
 async def create_and_start(
-    docker: aiodocker.Docker, settings: Settings, user: str, placement: Placement | None = None
+    docker: aiodocker.Docker,
+    settings: Settings,
+    user: str,
+    placement: Placement | None = None,
+    *,
+    agent_secret: str | None = None,
 ) -> StartedContainer:
     """Creates and starts the user's container; on any failure, removes what it made."""
-    config = container_config(settings, user, placement)
+    config = container_config(settings, user, placement, agent_secret=agent_secret)
     name = container_name(settings, user)
     try:
         with docker_errors("creating the sandbox container", SandboxStartFailed):
@@ -216,7 +245,7 @@ async def create_and_start(
         with docker_errors("starting the sandbox container", SandboxStartFailed):
             await container.start()
             info = await container.show()
-        return StartedContainer(id=container.id, host_port=_published_port(info))
+        return _started(info)
     except BaseException:
         # Best effort: the original failure is the one worth reporting.
         with suppress(GatewayError):
@@ -246,15 +275,23 @@ async def running_container(
     info = await _inspect(docker, container_name(settings, user))
     if info is None or _status_of(info["State"]) != RUNNING:
         return None
-    return StartedContainer(id=info["Id"], host_port=_published_port(info))
+    return _started(info)
 
 
-def _published_port(info: dict[str, Any]) -> int:
-    bindings = info["NetworkSettings"]["Ports"].get(PREVIEW_PORT) or []
+def _started(info: dict[str, Any]) -> StartedContainer:
+    return StartedContainer(
+        id=info["Id"],
+        host_port=_published_port(info, PREVIEW_PORT),
+        agent_port=_published_port(info, AGENT_PORT),
+    )
+
+
+def _published_port(info: dict[str, Any], port: str) -> int:
+    bindings = info["NetworkSettings"]["Ports"].get(port) or []
     for binding in bindings:
         if binding["HostIp"] == "127.0.0.1":
             return int(binding["HostPort"])
-    raise SandboxStartFailed(f"the sandbox container published no port for {PREVIEW_PORT}")
+    raise SandboxStartFailed(f"the sandbox container published no port for {port}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 
@@ -55,6 +55,9 @@ class Session:
     state: str
     container_id: str | None
     host_port: int | None
+    agent_port: int | None
+    # Never in a repr: sessions are logged.
+    agent_secret: str | None = field(repr=False)
     created_at: datetime
     last_activity: datetime
     stopped_at: datetime | None
@@ -67,6 +70,8 @@ class Session:
             state=record["state"],
             container_id=record["container_id"],
             host_port=record["host_port"],
+            agent_port=record["agent_port"],
+            agent_secret=record["agent_secret"],
             created_at=record["created_at"],
             last_activity=record["last_activity"],
             stopped_at=record["stopped_at"],
@@ -225,7 +230,9 @@ async def idle_users(conn: Connection, idle_timeout_s: float) -> list[str]:
     return [r["user_id"] for r in records]
 
 
-async def reserve_slot(conn: Connection, user: str, max_sandboxes: int) -> None:
+async def reserve_slot(
+    conn: Connection, user: str, max_sandboxes: int, agent_secret: str | None = None
+) -> None:
     """Marks the user's session as starting if the global cap allows one more active sandbox.
 
     The capacity lock serialises only this count-and-insert, a few milliseconds, not the start itself.
@@ -254,24 +261,30 @@ async def reserve_slot(conn: Connection, user: str, max_sandboxes: int) -> None:
             )
         await conn.execute(
             """
-            INSERT INTO sessions (user_id, state) VALUES ($1, 'starting')
+            INSERT INTO sessions (user_id, state, agent_secret) VALUES ($1, 'starting', $2)
             ON CONFLICT (user_id) DO UPDATE SET
                 state = 'starting', container_id = NULL, host_port = NULL, created_at = now(),
-                last_activity = now(), stopped_at = NULL, stop_reason = NULL
+                last_activity = now(), stopped_at = NULL, stop_reason = NULL,
+                agent_port = NULL, agent_secret = $2
             """,
             user,
+            agent_secret,
         )
 
 
-async def mark_running(conn: Connection, user: str, container_id: str, host_port: int) -> Session:
+async def mark_running(
+    conn: Connection, user: str, container_id: str, host_port: int, agent_port: int
+) -> Session:
     record = await conn.fetchrow(
         """
-        UPDATE sessions SET state = 'running', container_id = $2, host_port = $3, last_activity = now()
+        UPDATE sessions SET state = 'running', container_id = $2, host_port = $3, agent_port = $4,
+            last_activity = now()
         WHERE user_id = $1 RETURNING *
         """,
         user,
         container_id,
         host_port,
+        agent_port,
     )
     assert record is not None, "the caller holds the user's lock, so the row it reserved is there"
     return Session.from_record(record)
@@ -287,7 +300,7 @@ async def mark_stopped(conn: Connection, user: str, reason: str) -> None:
     await conn.execute(
         """
         UPDATE sessions SET state = 'stopped', container_id = NULL, host_port = NULL,
-            stopped_at = now(), stop_reason = $2
+            agent_port = NULL, agent_secret = NULL, stopped_at = now(), stop_reason = $2
         WHERE user_id = $1
         """,
         user,

@@ -19,7 +19,10 @@
     ├── DockerFailed                  502 docker_error
     │   ├── SandboxStartFailed            sandbox_start_failed
     │   └── ProjectFailed                 project_failed
+    ├── AgentFailed                   the agent's code: bad_request, spawn_failed 400, not_found 404,
+    │                                 conflict 409, too_many 429, else 502
     └── ServiceUnavailable            503
+        ├── AgentUnavailable              agent_unavailable
         ├── CapacityExhausted             capacity_exhausted
         ├── DockerUnavailable             docker_unavailable
         ├── DatabaseUnavailable           database_unavailable
@@ -32,6 +35,8 @@
 Adapters raise these from foreign errors (``raise DockerUnavailable(...) from err``); the error
 middleware turns them into ``{"error": {"code", "message"}}``.
 """
+
+from typing import ClassVar
 
 
 class GatewayError(Exception):
@@ -157,9 +162,34 @@ class ProjectFailed(DockerFailed):
     code = "project_failed"
 
 
+class AgentFailed(GatewayError):
+    """The sandbox's agent refused an operation (agent.py): its code, and the status that goes with it."""
+
+    status = 502
+    code = "agent_error"
+    STATUS_OF: ClassVar[dict[str, int]] = {
+        "bad_request": 400,
+        "spawn_failed": 400,
+        "not_found": 404,
+        "conflict": 409,
+        "too_many": 429,
+    }
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = self.STATUS_OF.get(code, 502)
+
+
 class ServiceUnavailable(GatewayError):
     status = 503
     code = "service_unavailable"
+
+
+class AgentUnavailable(ServiceUnavailable):
+    """The sandbox runs, but its agent cannot be reached or broke off: it is restarting or was killed."""
+
+    code = "agent_unavailable"
 
 
 class CapacityExhausted(ServiceUnavailable):

@@ -27,7 +27,10 @@ async def create_project(request: web.Request) -> web.Response:
     async with runner.slot(user):
         container_id = await sandboxes.running_container(user)
         result = await runner.run_program(
-            container_id, ["sandbox-new-project", body.template, body.name], b"", CREATE_TIMEOUT_MS
+            await sandboxes.agent(user),
+            ["sandbox-new-project", body.template, body.name],
+            b"",
+            CREATE_TIMEOUT_MS,
         )
     if result.exit_code == EXISTS_EXIT_CODE:
         raise ProjectExists(f"/workspace/{body.name} exists already; choose another name")

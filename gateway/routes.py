@@ -89,8 +89,8 @@ async def exec_snippet(request: web.Request) -> web.Response:
     await ratelimit.take(request.app[DB], user, "exec", request.app[SETTINGS].exec_rate)
     runner = request.app[EXEC_RUNNER]
     async with runner.slot(user):
-        container_id = await request.app[SANDBOXES].running_container(user)
-        result = await runner.run(container_id, exec_request)
+        address = await request.app[SANDBOXES].agent(user)
+        result = await runner.run(address, exec_request)
     _count_exec(request.app[METRICS], body.language, result)
     return web.json_response(exec_json(result))
 

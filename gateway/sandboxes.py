@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import tarfile
 import time
 from collections.abc import Awaitable
@@ -13,17 +14,27 @@ from datetime import UTC, datetime, timedelta
 import aiodocker
 import asyncpg
 
-from . import containers, db
+from . import agent, containers, db
+from .agent import AgentAddress
 from .db import Session
 from .disks import Disks
 from .egress import EgressGuard
-from .errors import GatewayError, SandboxNotFound, SandboxNotRunning, SandboxPaused
+from .errors import (
+    AgentUnavailable,
+    GatewayError,
+    SandboxNotFound,
+    SandboxNotRunning,
+    SandboxPaused,
+    SandboxStartFailed,
+)
 from .runtime import Engine, SandboxHost
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 PORT_CACHE_S = 1.0
+# Docker publishes the sandboxes' ports on this host's loopback only (containers.py).
+AGENT_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -92,23 +103,35 @@ class Sandboxes:
             await self._egress.require()
             # Before the slot: a host that cannot take the sandbox refuses without touching the row.
             placement = await self._host.placement()
-            await db.reserve_slot(conn, user, self._settings.max_sandboxes)
+            agent_secret = secrets.token_urlsafe(32)
+            await db.reserve_slot(conn, user, self._settings.max_sandboxes, agent_secret)
             try:
                 if not self._network_ready:
                     async with db.advisory_lock(conn, db.NETWORK_LOCK):
                         await containers.ensure_network(self._docker, self._settings)
                     self._network_ready = True
                 await self._attach_disk(user)
-                started = await containers.create_and_start(self._docker, self._settings, user, placement)
+                started = await containers.create_and_start(
+                    self._docker, self._settings, user, placement, agent_secret=agent_secret
+                )
+                await self._wait_for_agent(started, agent_secret)
             except BaseException:
                 self._network_ready = False
                 # create_and_start removed what it made, so nothing holds the filesystem.
                 await self._disks.detach(user)
                 await db.mark_stopped(conn, user, "start_failed")
                 raise
-            session = await db.mark_running(conn, user, started.id, started.host_port)
+            session = await db.mark_running(conn, user, started.id, started.host_port, started.agent_port)
             log.info("started sandbox of %s (container %.12s)", user, started.id)
             return StartResult(session, created=True)
+
+    async def _wait_for_agent(self, started: containers.StartedContainer, secret: str) -> None:
+        """A sandbox is running once its agent answers; one whose agent never does is removed."""
+        try:
+            await agent.wait_ready(AgentAddress(AGENT_HOST, started.agent_port, secret))
+        except AgentUnavailable as err:
+            await containers.remove_container(self._docker, started.id)
+            raise SandboxStartFailed(f"the sandbox's agent did not start: {err.message}") from err
 
     async def _check_free_space(self) -> None:
         if self._docker_root is None and self._settings.disk.min_free_mb:
@@ -202,7 +225,7 @@ class Sandboxes:
             if session.state == "starting":
                 found = await containers.running_container(self._docker, self._settings, user)
                 if found is not None:
-                    await db.mark_running(conn, user, found.id, found.host_port)
+                    await db.mark_running(conn, user, found.id, found.host_port, found.agent_port)
                     log.info("adopted the sandbox of %s, whose start was interrupted", user)
                     return "adopted"
             reason = "start_interrupted" if session.state == "starting" else session.stop_reason
@@ -278,6 +301,20 @@ class Sandboxes:
 
     async def running_container(self, user: str) -> str:
         """The id of the user's running container, for exec and friends; counts as activity."""
+        session = await self._running_session(user)
+        assert session.container_id is not None
+        return session.container_id
+
+    async def agent(self, user: str) -> AgentAddress:
+        """Where the agent of the user's running sandbox answers, with its secret, for runs, processes,
+        terminals and ports; counts as activity."""
+        session = await self._running_session(user)
+        if session.agent_port is None or session.agent_secret is None:
+            # Started by a gateway from before the agent: its container has none.
+            raise SandboxNotRunning("your sandbox was started before this gateway's agent; restart it")
+        return AgentAddress(AGENT_HOST, session.agent_port, session.agent_secret)
+
+    async def _running_session(self, user: str) -> Session:
         async with db.connection(self._pool) as conn:
             session = await db.get_session(conn, user)
             if session is None or session.state != "running" or not session.container_id:
@@ -286,7 +323,7 @@ class Sandboxes:
                 seconds=self._settings.activity_interval_s
             ):
                 await db.touch(conn, user)
-        return session.container_id
+        return session
 
     def set_paused(self, users: set[str]) -> None:
         self._paused = set(users)

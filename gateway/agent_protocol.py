@@ -1,0 +1,1 @@
+../sandbox-image/agent/sandbox_agent/protocol.py

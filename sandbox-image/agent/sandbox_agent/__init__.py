@@ -1,0 +1,1 @@
+"""The sandbox agent: the one resident process of the gateway inside each sandbox (README, The agent)."""

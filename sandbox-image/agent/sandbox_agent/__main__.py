@@ -1,0 +1,58 @@
+"""python3 -IS -m sandbox_agent: the agent, as tini's only child (sandbox-image/bin/sandbox-agent)."""
+
+from __future__ import annotations
+
+import sys
+
+# asyncio imports ssl if it can, which costs this small resident process a fifth of its memory and
+# a third of its start; the agent speaks no TLS.
+sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+from . import runs, server  # noqa: E402
+
+OPERATIONS: dict[str, server.Handler] = {
+    "run": runs.run,
+    "ping": lambda connection, _: connection.send_json({"ok": True}),
+}
+
+
+def _child_watcher() -> None:
+    """One pidfd per child where the kernel has them; a thread per child, asyncio's default, else."""
+    try:
+        watcher: asyncio.AbstractChildWatcher = asyncio.PidfdChildWatcher()
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return
+    with_loop = asyncio.get_running_loop()
+    watcher.attach_loop(with_loop)
+    asyncio.set_child_watcher(watcher)
+
+
+async def _main() -> None:
+    secret = os.environ.pop("SANDBOX_AGENT_SECRET", "")
+    if not secret:
+        raise SystemExit("sandbox-agent: SANDBOX_AGENT_SECRET is not set")
+    agent = server.AgentServer(secret, OPERATIONS)
+    await agent.start()
+    _child_watcher()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    serving = asyncio.ensure_future(agent.serve_forever())
+    await stop.wait()
+    serving.cancel()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="sandbox-agent %(levelname)s %(message)s")
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()
