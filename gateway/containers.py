@@ -14,7 +14,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiodocker
@@ -43,6 +43,7 @@ PREVIEW_PORT = "5173/tcp"
 # The agent's port (sandbox-image/agent): the only other one published, and on 127.0.0.1 only.
 AGENT_PORT = "49983/tcp"
 AGENT_COMMAND = ["/usr/local/bin/sandbox-agent"]
+AGENT_SECRET_ENV = "SANDBOX_AGENT_SECRET"  # noqa: S105 (the name of the variable)
 # The agent's, as root: starting the user's programs as `sandbox` with a tag group (SETUID, SETGID),
 # ending them (KILL), and giving a terminal to its shell's user (CHOWN). Nothing the user runs has any:
 # no-new-privileges, and they run as uid 1000.
@@ -62,6 +63,8 @@ class StartedContainer:
     id: str
     host_port: int
     agent_port: int
+    # As the container was created with it: what a start interrupted before its record left only there.
+    agent_secret: str | None = field(repr=False)
 
 
 def container_name(settings: Settings, user: str) -> str:
@@ -104,7 +107,7 @@ def container_config(
         "Env": [
             f"SANDBOX_USER={user}",
             f"PREVIEW_BASE=/preview/{user}/",
-            f"SANDBOX_AGENT_SECRET={agent_secret}",
+            f"{AGENT_SECRET_ENV}={agent_secret}",
         ],
         "Labels": labels(settings, user) | (placement.labels if placement else {}),
         "ExposedPorts": {PREVIEW_PORT: {}, AGENT_PORT: {}},
@@ -279,7 +282,9 @@ async def running_container(
 
 
 def _started(info: dict[str, Any]) -> StartedContainer:
+    env = dict(item.partition("=")[::2] for item in info["Config"].get("Env") or [])
     return StartedContainer(
+        agent_secret=env.get(AGENT_SECRET_ENV),
         id=info["Id"],
         host_port=_published_port(info, PREVIEW_PORT),
         agent_port=_published_port(info, AGENT_PORT),

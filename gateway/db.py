@@ -273,18 +273,19 @@ async def reserve_slot(
 
 
 async def mark_running(
-    conn: Connection, user: str, container_id: str, host_port: int, agent_port: int
+    conn: Connection, user: str, container_id: str, host_port: int, agent_port: int, agent_secret: str | None
 ) -> Session:
     record = await conn.fetchrow(
         """
         UPDATE sessions SET state = 'running', container_id = $2, host_port = $3, agent_port = $4,
-            last_activity = now()
+            agent_secret = COALESCE($5, agent_secret), last_activity = now()
         WHERE user_id = $1 RETURNING *
         """,
         user,
         container_id,
         host_port,
         agent_port,
+        agent_secret,
     )
     assert record is not None, "the caller holds the user's lock, so the row it reserved is there"
     return Session.from_record(record)

@@ -121,7 +121,9 @@ class Sandboxes:
                 await self._disks.detach(user)
                 await db.mark_stopped(conn, user, "start_failed")
                 raise
-            session = await db.mark_running(conn, user, started.id, started.host_port, started.agent_port)
+            session = await db.mark_running(
+                conn, user, started.id, started.host_port, started.agent_port, agent_secret
+            )
             log.info("started sandbox of %s (container %.12s)", user, started.id)
             return StartResult(session, created=True)
 
@@ -155,6 +157,8 @@ class Sandboxes:
             raise SandboxNotFound("you have no sandbox; start one with POST /api/sandbox")
         if session.state == "running" and session.container_id:
             now = await containers.status(self._docker, session.container_id)
+            # What the engine says now, ahead of its event (container_events.py).
+            self.mark_paused(user, now == containers.PAUSED)
             if now == containers.PAUSED:
                 return replace(session, state=containers.PAUSED)
             if now != containers.RUNNING:
@@ -225,7 +229,9 @@ class Sandboxes:
             if session.state == "starting":
                 found = await containers.running_container(self._docker, self._settings, user)
                 if found is not None:
-                    await db.mark_running(conn, user, found.id, found.host_port, found.agent_port)
+                    await db.mark_running(
+                        conn, user, found.id, found.host_port, found.agent_port, found.agent_secret
+                    )
                     log.info("adopted the sandbox of %s, whose start was interrupted", user)
                     return "adopted"
             reason = "start_interrupted" if session.state == "starting" else session.stop_reason
@@ -308,6 +314,9 @@ class Sandboxes:
     async def agent(self, user: str) -> AgentAddress:
         """Where the agent of the user's running sandbox answers, with its secret, for runs, processes,
         terminals and ports; counts as activity."""
+        if self.is_paused(user):
+            # A paused sandbox's network still accepts: its agent would take the request and never answer.
+            raise SandboxPaused()
         session = await self._running_session(user)
         if session.agent_port is None or session.agent_secret is None:
             # Started by a gateway from before the agent: its container has none.

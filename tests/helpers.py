@@ -91,3 +91,13 @@ class GatewayTestServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         return GatewayRunner(self.app, **kwargs)
+
+
+async def exec_bash(client: TestClient, code: str, user: str = "alice") -> dict[str, Any]:
+    """Runs `code` with bash through POST /api/sandbox/exec; the result's body."""
+    response = await client.post(
+        "/api/sandbox/exec", headers=auth(user), json={"language": "bash", "code": code}
+    )
+    assert response.status == 200, await response.text()
+    result: dict[str, Any] = await response.json()
+    return result

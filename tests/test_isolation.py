@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.containers import PREVIEW_PORT
+from gateway.containers import AGENT_PORT, PREVIEW_PORT
 from gateway.settings import Settings
 
 from .helpers import auth, running_container_id
@@ -145,7 +145,9 @@ async def test_the_configuration_keeps_sandboxes_apart(
     host_config = container["HostConfig"]
     assert host_config["NetworkMode"] == settings.sandbox_network
     assert list(container["NetworkSettings"]["Networks"]) == [settings.sandbox_network]
-    assert host_config["PortBindings"] == {PREVIEW_PORT: [{"HostIp": "127.0.0.1", "HostPort": ""}]}
+    # The dev server's port and the agent's, both on this host's loopback; nothing else.
+    loopback = [{"HostIp": "127.0.0.1", "HostPort": ""}]
+    assert host_config["PortBindings"] == {PREVIEW_PORT: loopback, AGENT_PORT: loopback}
     published = [
         binding for bindings in container["NetworkSettings"]["Ports"].values() for binding in bindings or []
     ]

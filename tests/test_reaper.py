@@ -280,11 +280,11 @@ async def test_docker_outage_is_503_and_recovers_by_itself(
         refused = await client.post("/api/sandbox", headers=auth("bob"))
         assert refused.status == 503
         assert (await refused.json())["error"]["code"] == "docker_unavailable"
+        # What does not need the engine still works: runs go to the sandbox's agent.
         run = await client.post(
             "/api/sandbox/exec", headers=auth("alice"), json={"language": "bash", "code": "true"}
         )
-        assert run.status == 503
-        # What does not need the engine still works.
+        assert run.status == 200
         assert (await client.get("/api/openapi.json")).status == 200
     finally:
         await switch.up()

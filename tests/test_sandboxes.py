@@ -10,12 +10,12 @@ import aiodocker
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.containers import LABEL_GATEWAY, LABEL_USER
+from gateway.containers import AGENT_CAPABILITIES, AGENT_COMMAND, LABEL_GATEWAY, LABEL_USER
 from gateway.disks import disk_paths
 from gateway.runtime import gvisor_pids
 from gateway.settings import Settings
 
-from .helpers import MakeClient, auth, poll
+from .helpers import MakeClient, auth, exec_bash, poll
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -54,7 +54,12 @@ async def test_container_is_locked_down(
     [summary] = await containers_of(docker, settings)
     info = await docker.containers.container(str(summary["Id"])).show()
     host = info["HostConfig"]
-    assert info["Config"]["User"] == "sandbox"
+    # The agent's user: it runs the user's programs as `sandbox`, with no capability at all.
+    assert info["Config"]["User"] == "root"
+    assert info["Config"]["Cmd"] == AGENT_COMMAND
+    assert (await exec_bash(client, "id -un; grep ^CapEff /proc/self/status"))["stdout"] == (
+        "sandbox\nCapEff:\t0000000000000000\n"
+    )
     assert info["Config"]["Labels"][LABEL_USER] == "alice"
     assert host["Memory"] == 256 * 1024 * 1024
     assert host["MemorySwap"] == host["Memory"]
@@ -66,6 +71,7 @@ async def test_container_is_locked_down(
     else:
         assert host["PidsLimit"] == 128
     assert host["CapDrop"] == ["ALL"]
+    assert sorted(host["CapAdd"]) == sorted(AGENT_CAPABILITIES)
     assert host["SecurityOpt"] == ["no-new-privileges"]
     assert host["Privileged"] is False
     assert host["Runtime"] == settings.sandbox_runtime
