@@ -22,8 +22,9 @@ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null |
 
 cd "$ROOT"
 say "ruff and mypy"
-"$VENV/bin/ruff" check gateway tests bench
-"$VENV/bin/ruff" format --check --quiet gateway tests bench
+"$VENV/bin/ruff" check gateway tests bench sandbox-image/agent
+"$VENV/bin/ruff" format --check --quiet gateway tests bench sandbox-image/agent
 "$VENV/bin/mypy" gateway
+"$VENV/bin/mypy" --strict sandbox-image/agent/sandbox_agent
 say "pytest"
 exec "$VENV/bin/pytest" "$@"

@@ -90,7 +90,8 @@ async def run(connection: Connection, request: dict[str, Any]) -> None:
         raise OpError("spawn_failed", f"could not start {argv[0]}: {err.strerror}") from None
     await connection.send_json({"ok": True, "pid": process.pid})
     caps = _Caps(limit)
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
     pumps = [
         asyncio.ensure_future(_pump(process.stdout, protocol.STDOUT, connection, caps)),
         asyncio.ensure_future(_pump(process.stderr, protocol.STDERR, connection, caps)),
@@ -99,7 +100,9 @@ async def run(connection: Connection, request: dict[str, Any]) -> None:
     timed_out = False
     try:
         exited = process.exited
-        done, _ = await asyncio.wait({exited, gateway}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {exited, gateway}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
         if exited not in done:
             # The timeout, or the gateway went away: either way the run ends now, all of it.
             timed_out = gateway not in done

@@ -9,6 +9,7 @@ the only way in (inter-container traffic is off), and the first frame must carry
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -22,8 +23,12 @@ from .protocol import OpError, ProtocolError
 log = logging.getLogger("sandbox_agent")
 
 PORT = 49983
-HANDSHAKE_TIMEOUT_S = 5.0
-# Connections that have not yet shown the secret: past this many, new ones are closed at accept.
+# The gateway sends its request the moment it connects: a connection that shows nothing for this long
+# is not the gateway's.
+HANDSHAKE_TIMEOUT_S = 2.0
+# Connections that have not yet shown the secret: past this many, the oldest is dropped for the new
+# one. Something on the host that holds connections open without a secret then cannot keep the
+# gateway out, whose own handshake completes within a round trip of its connect.
 MAX_UNAUTHENTICATED = 64
 
 Handler = Callable[["Connection", dict[str, Any]], Awaitable[None]]
@@ -51,45 +56,47 @@ class AgentServer:
     def __init__(self, secret: str, operations: dict[str, Handler]) -> None:
         self._secret = secret.encode()
         self._operations = operations
-        self._unauthenticated = 0
+        # Transports still in their handshake, oldest first (dicts keep insertion order).
+        self._unauthenticated: dict[asyncio.WriteTransport, None] = {}
         self._servers: list[asyncio.Server] = []
 
     async def start(self, port: int = PORT) -> None:
         # Both families: the engine may reach the sandbox over either. Bound before anything else
         # is imported or started, so that the gateway's first connection finds it.
-        self._servers.append(await asyncio.start_server(self._accept, "0.0.0.0", port, backlog=256))
+        # Every interface of the sandbox: Docker's proxy comes in on its bridge address, and what comes
+        # from inside is refused at accept (_from_inside).
+        wildcard = "0.0.0.0"  # noqa: S104
+        self._servers.append(await asyncio.start_server(self._accept, wildcard, port, backlog=256))
         if socket.has_ipv6:
-            try:
+            # No IPv6 in this sandbox, or the IPv4 wildcard above took both families.
+            with contextlib.suppress(OSError):
                 self._servers.append(await asyncio.start_server(self._accept, "::", port, backlog=256))
-            except OSError:
-                pass  # no IPv6 in this sandbox (or the wildcard above took both)
 
     async def serve_forever(self) -> None:
         await asyncio.gather(*(server.serve_forever() for server in self._servers))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if _from_inside(writer) or self._unauthenticated >= MAX_UNAUTHENTICATED:
+        if _from_inside(writer):
             writer.transport.abort()
             return
-        self._unauthenticated += 1
-        authenticated = False
+        if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
+            oldest = next(iter(self._unauthenticated))
+            del self._unauthenticated[oldest]
+            oldest.abort()
+        self._unauthenticated[writer.transport] = None
         try:
             request = await self._handshake(reader)
-            self._unauthenticated -= 1
-            authenticated = True
-            if request is None:
-                return
+            self._unauthenticated.pop(writer.transport, None)
             await self._dispatch(Connection(reader, writer), request)
         except (ProtocolError, ConnectionError, TimeoutError) as err:
             log.debug("connection ended: %r", err)
         except Exception:
             log.exception("operation failed")
         finally:
-            if not authenticated:
-                self._unauthenticated -= 1
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+            self._unauthenticated.pop(writer.transport, None)
+            writer.close()
 
-    async def _handshake(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    async def _handshake(self, reader: asyncio.StreamReader) -> dict[str, Any]:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
             first = await protocol.read_frame(reader)
         if first is None or first[0] != protocol.JSON:
@@ -101,16 +108,19 @@ class AgentServer:
         return request
 
     async def _dispatch(self, connection: Connection, request: dict[str, Any]) -> None:
-        op = request.get("op")
-        handler = self._operations.get(op) if isinstance(op, str) else None
         try:
-            if request.get("v") != protocol.VERSION:
-                raise OpError("agent_version", f"this agent speaks version {protocol.VERSION}")
-            if handler is None:
-                raise OpError("unknown_op", f"no operation {op!r}")
-            await handler(connection, request)
+            await self._handler(request)(connection, request)
         except OpError as err:
             await connection.send_json(protocol.error_message(err.code, err.message))
+
+    def _handler(self, request: dict[str, Any]) -> Handler:
+        if request.get("v") != protocol.VERSION:
+            raise OpError("agent_version", f"this agent speaks version {protocol.VERSION}")
+        op = request.get("op")
+        handler = self._operations.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise OpError("unknown_op", f"no operation {op!r}")
+        return handler
 
 
 def _from_inside(writer: asyncio.StreamWriter) -> bool:

@@ -10,6 +10,7 @@ environment is found (/proc/<pid>/status, Groups) and killed with the rest of it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import pwd
@@ -84,7 +85,8 @@ async def spawn(
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.subprocess_exec(
         lambda: _Protocol(loop),
-        *argv,
+        argv[0],
+        *argv[1:],
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
@@ -125,17 +127,12 @@ def signal_tagged(tag: int, signum: int) -> int:
     """Sends signum to every process of the tag, once; how many there were."""
     pids = tagged(tag)
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
     return len(pids)
 
 
 def kill_tagged(tag: int) -> bool:
     """SIGKILLs the tag's processes until a scan finds none (children forked between a scan and its
     kill are caught by the next round); whether none is left."""
-    for _ in range(SWEEP_ROUNDS):
-        if not signal_tagged(tag, signal.SIGKILL):
-            return True
-    return False
+    return any(not signal_tagged(tag, signal.SIGKILL) for _ in range(SWEEP_ROUNDS))
