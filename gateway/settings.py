@@ -290,6 +290,7 @@ class Settings:
                 max_streams_per_user=_int(env, "PROCESSES_MAX_STREAMS_PER_USER", 8, minimum=1),
                 default_timeout_ms=_int(env, "PROCESSES_DEFAULT_TIMEOUT_MS", 60_000, minimum=1),
                 max_timeout_ms=_int(env, "PROCESSES_MAX_TIMEOUT_MS", 3_600_000, minimum=1),
+                heartbeat_s=_int(env, "PROCESSES_HEARTBEAT_S", 15, minimum=1),
             ),
             egress=EgressPolicy.from_env(env),
             public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/") or _default_public_url(env),

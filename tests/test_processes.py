@@ -3,6 +3,7 @@ background processes, reconnects through another gateway, the bounds, and isolat
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -359,3 +360,19 @@ async def test_another_user_cannot_see_or_touch_my_processes(sandbox: TestClient
         assert (await response.json())["error"]["code"] == "process_not_found"
     mine = await (await sandbox.get(url, headers=auth("alice"))).json()
     assert mine["state"] == "running"
+
+
+async def test_an_idle_stream_carries_heartbeats(make_client: MakeClient, settings: Settings) -> None:
+    client = await bounded(make_client, settings, heartbeat_s=0.2)
+    process = await start(client, argv=["sleep", "600"], background=True)
+    async with client.get(f"{PROCESSES}/{process['id']}/output", headers=auth("alice")) as response:
+        assert response.headers["Cache-Control"].startswith("no-cache")
+        assert response.headers["X-Accel-Buffering"] == "no"
+        comments = 0
+        async with asyncio.timeout(10):
+            async for raw in response.content:
+                comments += raw == b": keep-alive\n"
+                if comments == 2:
+                    break
+    assert comments == 2
+    await client.delete(f"{PROCESSES}/{process['id']}", headers=auth("alice"))
