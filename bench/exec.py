@@ -23,6 +23,12 @@ import time
 
 import aiodocker
 import aiohttp
+import asyncpg
+
+from gateway import db
+from gateway.agent import AgentAddress
+from gateway.execute import ExecRequest, ExecRunner
+from gateway.sandboxes import AGENT_HOST
 
 from .common import Gateway, report, running_gateway
 
@@ -60,6 +66,29 @@ async def through_api(
         body = await response.json()
     elapsed = time.perf_counter() - started
     assert (body["stdout"], body["exit_code"]) == (expected, 0), body
+    return elapsed
+
+
+async def agent_address(gateway: Gateway, user: str) -> AgentAddress:
+    conn = await asyncpg.connect(gateway.settings.database_url)
+    try:
+        session = await db.get_session(conn, user)
+    finally:
+        await conn.close()
+    assert session is not None
+    assert session.agent_port is not None
+    assert session.agent_secret is not None
+    return AgentAddress(AGENT_HOST, session.agent_port, session.agent_secret)
+
+
+async def through_agent(runner: ExecRunner, address: AgentAddress, case: str) -> float:
+    """The gateway's own runner straight to the agent: the run op without HTTP, auth and PostgreSQL."""
+    language, code, _, expected = CASES[case]
+    started = time.perf_counter()
+    request = ExecRequest(language=language, code=code, stdin=b"", timeout_ms=10_000)  # type: ignore[arg-type]
+    result = await runner.run(address, request)
+    elapsed = time.perf_counter() - started
+    assert (result.stdout, result.exit_code) == (expected, 0), result
     return elapsed
 
 
@@ -126,18 +155,27 @@ async def main(runs: int) -> None:
         async with session.post(f"{gateway.url}/api/sandbox", headers=headers) as response:
             assert response.status in (200, 201), await response.text()
         container_id = (await docker.containers.get(f"{gateway.settings.gateway_name}-bench")).id
+        address = await agent_address(gateway, "bench")
+        runner = ExecRunner(gateway.settings.exec)
         rows: dict[str, dict[str, list[float]]] = {}
         for case in CASES:
             # Warm every path: node's first start reads its binary from disk.
             for _ in range(3):
                 await through_api(session, gateway, headers, case)
+                await through_agent(runner, address, case)
                 await direct(docker, container_id, case)
-            api, baseline = [], []
+            api, agent_only, baseline = [], [], []
             for _ in range(runs):
                 api.append(await through_api(session, gateway, headers, case))
+                agent_only.append(await through_agent(runner, address, case))
                 baseline.append(await direct(docker, container_id, case))
             own = await inside(session, gateway, headers, case, runs)
-            rows[case] = {"inside (own start)": own, "docker exec": baseline, "gateway POST /exec": api}
+            rows[case] = {
+                "inside (own start)": own,
+                "docker exec": baseline,
+                "agent run op (no HTTP)": agent_only,
+                "gateway POST /exec": api,
+            }
         stream = await streaming(session, gateway, headers, max(runs, 30))
     for case, row in rows.items():
         report(f"{case} ({runs} runs each, alternating)", row, baseline="inside (own start)")
