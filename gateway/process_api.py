@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +30,8 @@ from .schemas import check_identity_coding, parse_body
 log = logging.getLogger(__name__)
 
 STDIN_READ_TIMEOUT_S = 30.0
+# How often an idle stream looks whether its client is still there.
+DISCONNECT_CHECK_S = 1.0
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache, no-transform",
@@ -133,7 +136,7 @@ async def process_output(request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
             try:
-                await _relay(stream, response, offset, settings.processes.heartbeat_s)
+                await _relay(request, stream, response, offset, settings.processes.heartbeat_s)
             except (ConnectionError, AgentUnavailable, agent_protocol.ProtocolError) as err:
                 # The client went, or the agent did: either way the stream ends; a client resumes.
                 log.debug("process output stream ended: %r", err)
@@ -141,18 +144,29 @@ async def process_output(request: web.Request) -> web.StreamResponse:
 
 
 async def _relay(
-    stream: agent.AgentStream, response: web.StreamResponse, offset: int, heartbeat_s: float
+    request: web.Request,
+    stream: agent.AgentStream,
+    response: web.StreamResponse,
+    offset: int,
+    heartbeat_s: float,
 ) -> None:
     # Tell the client early that the stream is live (and how soon to come back when it breaks).
     await response.write(b"retry: 1000\n\n")
     reading = asyncio.ensure_future(stream.read_frame())
+    last_write = time.monotonic()
     try:
         while True:
-            # The read stays pending across heartbeats: cancelling it could cut a frame in half.
-            done, _ = await asyncio.wait({reading}, timeout=heartbeat_s)
+            # The read stays pending across ticks: cancelling it could cut a frame in half. Each tick
+            # also notices a client that went away, so that its slot is free before a heartbeat fails.
+            done, _ = await asyncio.wait({reading}, timeout=min(heartbeat_s, DISCONNECT_CHECK_S))
             if not done:
-                await response.write(b": keep-alive\n\n")
+                if request.transport is None or request.transport.is_closing():
+                    return
+                if time.monotonic() - last_write >= heartbeat_s:
+                    await response.write(b": keep-alive\n\n")
+                    last_write = time.monotonic()
                 continue
+            last_write = time.monotonic()
             message = reading.result()
             if message is None:
                 return  # the agent ended it (it stopped): the client reconnects and learns

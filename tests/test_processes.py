@@ -314,6 +314,13 @@ async def test_bounds_answer_429_and_400(make_client: MakeClient, settings: Sett
         assert stream.status == 200
         second = await client.get(f"{PROCESSES}/{first['id']}/output", headers=auth("alice"))
         assert second.status == 429
+
+    async def slot_free_again() -> bool:
+        async with client.get(f"{PROCESSES}/{first['id']}/output", headers=auth("alice")) as again:
+            return again.status == 200
+
+    # A client that went away frees its slot within a second or so, not at the next heartbeat.
+    await poll(slot_free_again, timeout_s=5, interval_s=0.2)
     # Bad input, each named.
     for body, field in [
         ({"argv": ["pwd"], "cwd": "/etc"}, "cwd"),
