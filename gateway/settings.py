@@ -366,6 +366,8 @@ class Settings:
             raise SettingsError("PROCESSES_MAX_PER_USER is at most 256, PROCESSES_MAX_ENDED_PER_USER 1024")
         if self.processes.max_buffer_bytes > 64 * 1024 * 1024:
             raise SettingsError("PROCESSES_MAX_BUFFER_BYTES is at most 64 MiB")
+        if self.processes.max_timeout_ms > 24 * 3600 * 1000 or self.processes.retention_s > 7 * 24 * 3600:
+            raise SettingsError("PROCESSES_MAX_TIMEOUT_MS is at most a day, PROCESSES_RETENTION_S a week")
         if self.exec.default_timeout_ms > self.exec.max_timeout_ms:
             raise SettingsError("EXEC_DEFAULT_TIMEOUT_MS must not exceed EXEC_MAX_TIMEOUT_MS")
 
