@@ -27,6 +27,7 @@ from .keys import (
     PREVIEW_GATE,
     PREVIEW_HOSTS,
     PREVIEW_SESSIONS,
+    PROCESS_STREAMS,
     SANDBOXES,
     SETTINGS,
     SHARES,
@@ -43,6 +44,7 @@ from .preview import preview_host_middleware, preview_origin_connections_middlew
 from .preview_access import PreviewGate
 from .preview_hosts import PreviewHosts
 from .preview_sessions import PreviewSessions
+from .processes import StreamSlots
 from .reaper import reaper_ctx
 from .routes import setup_routes
 from .sandboxes import Sandboxes
@@ -142,7 +144,8 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     # Before anything can start a sandbox; a failure is logged, and every start refused, not fatal.
     await install_at_start(app[EGRESS])
     app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER], app[EGRESS])
-    app[EXEC_RUNNER] = ExecRunner(app[DOCKER_STREAMS], settings.exec)
+    app[EXEC_RUNNER] = ExecRunner(settings.exec)
+    app[PROCESS_STREAMS] = StreamSlots(settings.processes.max_streams_per_user)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
     app[TERMINAL_LEASES] = TerminalLeases(app[DB])
     app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)

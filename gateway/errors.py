@@ -7,6 +7,7 @@
     ├── SandboxNotFound               404 sandbox_not_found
     ├── PreviewNotFound               404 preview_not_found
     ├── ShareNotFound                 404 share_not_found
+    ├── ProcessNotFound               404 process_not_found
     ├── RequestTimeout                408 request_timeout
     ├── SandboxNotRunning             409 sandbox_not_running
     │   └── SandboxPaused                 sandbox_paused
@@ -84,6 +85,13 @@ class PreviewNotFound(GatewayError):
 class ShareNotFound(GatewayError):
     status = 404
     code = "share_not_found"
+
+
+class ProcessNotFound(GatewayError):
+    """No process of that id in the caller's own sandbox (another user's ids are not found either)."""
+
+    status = 404
+    code = "process_not_found"
 
 
 class RequestTimeout(GatewayError):

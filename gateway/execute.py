@@ -18,11 +18,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import aiodocker
-
 from . import agent, agent_protocol
 from .agent import AgentAddress
-from .containers import exec_errors
 from .errors import AgentUnavailable, TooManyRequests
 from .settings import ExecSettings
 
@@ -80,9 +77,7 @@ class _Output:
 
 
 class ExecRunner:
-    def __init__(self, docker: aiodocker.Docker, settings: ExecSettings) -> None:
-        # Only for start_detached, until processes run in the background through the agent.
-        self._docker = docker
+    def __init__(self, settings: ExecSettings) -> None:
         self._settings = settings
         # Per-process count of runs in flight per user. A known limit: with several gateway
         # processes the bound applies per process; a PostgreSQL counter would make it global.
@@ -138,14 +133,6 @@ class ExecRunner:
             truncated=output.truncated or bool(end.get("truncated")),
             duration_ms=int(end.get("duration_ms") or round((time.monotonic() - started) * 1000)),
         )
-
-    async def start_detached(self, container_id: str, program: list[str]) -> None:
-        """Starts `program` outside any run (no run id), so that it outlives the request: a dev server."""
-        with exec_errors("running the snippet"):
-            execution = await self._docker.containers.container(container_id).exec(
-                program, user="sandbox", workdir="/workspace"
-            )
-            await execution.start(detach=True)
 
 
 async def _collect(stream: agent.AgentStream, output: _Output) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from .metrics import Metrics
 from .preview_access import PreviewGate
 from .preview_hosts import PreviewHosts
 from .preview_sessions import PreviewSessions
+from .processes import StreamSlots
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .shares import ShareStore
@@ -30,6 +31,8 @@ SANDBOXES = web.AppKey("sandboxes", Sandboxes)
 # Installs and checks the egress policy's kernel rules.
 EGRESS = web.AppKey("egress", EgressGuard)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
+# Open process output streams per user (process_api.py).
+PROCESS_STREAMS = web.AppKey("process_streams", StreamSlots)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
 TERMINAL_LEASES = web.AppKey("terminal_leases", TerminalLeases)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)

@@ -7,8 +7,9 @@ import logging
 
 from aiohttp import web
 
+from . import processes
 from .errors import ProjectExists, ProjectFailed
-from .keys import EXEC_RUNNER, PREVIEW_GATE, SANDBOXES, USER
+from .keys import EXEC_RUNNER, PREVIEW_GATE, SANDBOXES, SETTINGS, USER
 from .schemas import ProjectBody, parse_body
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,9 @@ async def create_project(request: web.Request) -> web.Response:
     sandboxes = request.app[SANDBOXES]
     runner = request.app[EXEC_RUNNER]
     async with runner.slot(user):
-        container_id = await sandboxes.running_container(user)
+        address = await sandboxes.agent(user)
         result = await runner.run_program(
-            await sandboxes.agent(user),
+            address,
             ["sandbox-new-project", body.template, body.name],
             b"",
             CREATE_TIMEOUT_MS,
@@ -38,7 +39,10 @@ async def create_project(request: web.Request) -> web.Response:
         log.info("creating a %s project for %s failed with %s", body.template, user, result.exit_code)
         raise ProjectFailed(f"creating the project failed: {(result.stderr or result.stdout)[-LOG_TAIL:]}")
     if body.start:
-        await runner.start_detached(container_id, ["sandbox-start-dev", body.name])
+        # A background process of the agent's: it outlives this request, until killed or the sandbox stops.
+        await processes.start_background(
+            address, request.app[SETTINGS].processes, ["sandbox-start-dev", body.name]
+        )
     payload = {
         "name": body.name,
         "path": f"/workspace/{body.name}",

@@ -39,6 +39,15 @@ from .preview_auth import (
     root_login,
     wake,
 )
+from .process_api import (
+    get_process,
+    kill_process,
+    list_processes,
+    process_output,
+    signal_process,
+    start_process,
+    write_stdin,
+)
 from .projects import create_project
 from .schemas import ExecBody, StartBody, exec_json, parse_body, parse_purge, session_json
 from .share_api import create_share, list_shares, revoke_share
@@ -168,6 +177,13 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/sandbox/shares", list_shares, allow_head=False)
     router.add_delete("/api/sandbox/shares/{id}", revoke_share)
     router.add_post("/api/sandbox/projects", create_project)
+    router.add_post("/api/sandbox/processes", start_process)
+    router.add_get("/api/sandbox/processes", list_processes, allow_head=False)
+    router.add_get("/api/sandbox/processes/{id}", get_process, allow_head=False)
+    router.add_delete("/api/sandbox/processes/{id}", kill_process)
+    router.add_get("/api/sandbox/processes/{id}/output", process_output, allow_head=False)
+    router.add_post("/api/sandbox/processes/{id}/stdin", write_stdin)
+    router.add_post("/api/sandbox/processes/{id}/signal", signal_process)
     router.add_get("/api/admin/sandboxes", list_sandboxes, allow_head=False)
     router.add_get("/api/admin/sandboxes/{user}", get_any_sandbox, allow_head=False)
     router.add_delete("/api/admin/sandboxes/{user}", stop_any_sandbox)

@@ -103,6 +103,29 @@ class ExecSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProcessSettings:
+    """The processes API (processes.py, README "Processes"); the agent keeps the processes and
+    enforces the first four, so they hold across gateways."""
+
+    # Running at once in one user's sandbox (background and foreground).
+    max_per_user: int = 16
+    # Output kept per process for readers who come later; past it the oldest bytes are dropped.
+    max_buffer_bytes: int = 1024 * 1024
+    # How long an ended process stays listed with its exit code and output, and how many are kept.
+    retention_s: int = 600
+    max_ended_per_user: int = 32
+    # Output streams (SSE) open at once per user, per gateway process.
+    max_streams_per_user: int = 8
+    # A foreground process's timeout when none is given, and the longest one.
+    default_timeout_ms: int = 60_000
+    max_timeout_ms: int = 3_600_000
+    max_env_vars: int = 64
+    max_env_bytes: int = 32 * 1024
+    # A comment line on an idle stream this often, so that proxies keep it open.
+    heartbeat_s: float = 15.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class RateLimit:
     """A token bucket: `per_minute` actions a minute on average, and as many in a burst; 0 is no limit."""
 
@@ -142,6 +165,7 @@ class Settings:
     # last_activity is written at most this often per user (and per terminal) by ordinary use.
     activity_interval_s: float = 5.0
     exec: ExecSettings = ExecSettings()
+    processes: ProcessSettings = ProcessSettings()
     egress: EgressPolicy = EgressPolicy()
     # Where browsers reach the page and API. Previews are served on a sibling origin of the same domain
     # and port (README, "Preview isolation"), which is why the default is a name, not 127.0.0.1.
@@ -258,6 +282,16 @@ class Settings:
                 max_stdin_bytes=_int(env, "EXEC_MAX_STDIN_BYTES", 1024 * 1024, minimum=0),
                 max_concurrent_per_user=_int(env, "EXEC_MAX_CONCURRENT_PER_USER", 4, minimum=1),
             ),
+            processes=ProcessSettings(
+                max_per_user=_int(env, "PROCESSES_MAX_PER_USER", 16, minimum=1),
+                max_buffer_bytes=_int(env, "PROCESSES_MAX_BUFFER_BYTES", 1024 * 1024, minimum=1024),
+                retention_s=_int(env, "PROCESSES_RETENTION_S", 600, minimum=0),
+                max_ended_per_user=_int(env, "PROCESSES_MAX_ENDED_PER_USER", 32, minimum=0),
+                max_streams_per_user=_int(env, "PROCESSES_MAX_STREAMS_PER_USER", 8, minimum=1),
+                default_timeout_ms=_int(env, "PROCESSES_DEFAULT_TIMEOUT_MS", 60_000, minimum=1),
+                max_timeout_ms=_int(env, "PROCESSES_MAX_TIMEOUT_MS", 3_600_000, minimum=1),
+                heartbeat_s=_int(env, "PROCESSES_HEARTBEAT_S", 15, minimum=1),
+            ),
             egress=EgressPolicy.from_env(env),
             public_url=(env.get("GATEWAY_PUBLIC_URL") or "").rstrip("/") or _default_public_url(env),
             preview_url=(env.get("GATEWAY_PREVIEW_URL") or "").rstrip("/") or None,
@@ -325,6 +359,15 @@ class Settings:
             raise SettingsError(
                 f"SANDBOX_CPU_PINNING must be spread or off, got {self.sandbox_cpu_pinning!r}"
             )
+        if self.processes.default_timeout_ms > self.processes.max_timeout_ms:
+            raise SettingsError("PROCESSES_DEFAULT_TIMEOUT_MS must not exceed PROCESSES_MAX_TIMEOUT_MS")
+        # The agent's own ceilings (sandbox-image/agent/sandbox_agent/processes.py).
+        if self.processes.max_per_user > 256 or self.processes.max_ended_per_user > 1024:
+            raise SettingsError("PROCESSES_MAX_PER_USER is at most 256, PROCESSES_MAX_ENDED_PER_USER 1024")
+        if self.processes.max_buffer_bytes > 64 * 1024 * 1024:
+            raise SettingsError("PROCESSES_MAX_BUFFER_BYTES is at most 64 MiB")
+        if self.processes.max_timeout_ms > 24 * 3600 * 1000 or self.processes.retention_s > 7 * 24 * 3600:
+            raise SettingsError("PROCESSES_MAX_TIMEOUT_MS is at most a day, PROCESSES_RETENTION_S a week")
         if self.exec.default_timeout_ms > self.exec.max_timeout_ms:
             raise SettingsError("EXEC_DEFAULT_TIMEOUT_MS must not exceed EXEC_MAX_TIMEOUT_MS")
 

@@ -1,4 +1,4 @@
-# Sourced by sandbox-run, sandbox-kill-run and sandbox-hangup.
+# Sourced by sandbox-hangup (the terminal's hang-up; runs and processes end through the agent now).
 # shellcheck shell=bash
 
 # Processes of a run (an exec or a terminal) carry SANDBOX_RUN_ID=<id> in their environment, which is

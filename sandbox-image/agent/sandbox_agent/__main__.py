@@ -12,12 +12,21 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+from functools import partial  # noqa: E402
 
-from . import runs, server  # noqa: E402
+from . import processes, runs, server  # noqa: E402
 
+# The sandbox's processes: the agent's one piece of state, which lives as long as it does.
+PROCESSES = processes.Registry()
 OPERATIONS: dict[str, server.Handler] = {
     "run": runs.run,
     "ping": lambda connection, _: connection.send_json({"ok": True}),
+    "process.start": partial(processes.start, PROCESSES),
+    "process.list": partial(processes.list_processes, PROCESSES),
+    "process.get": partial(processes.get, PROCESSES),
+    "process.attach": partial(processes.attach, PROCESSES),
+    "process.input": partial(processes.input_, PROCESSES),
+    "process.signal": partial(processes.signal, PROCESSES),
 }
 
 
@@ -47,6 +56,7 @@ async def _main() -> None:
     serving = asyncio.ensure_future(agent.serve_forever())
     await stop.wait()
     serving.cancel()
+    await PROCESSES.stop_all()
 
 
 def main() -> None:
