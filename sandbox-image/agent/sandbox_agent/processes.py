@@ -225,8 +225,6 @@ class Registry:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-
-
 def _int_in(request: dict[str, Any], name: str, low: int, high: int) -> int:
     value = request.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
