@@ -13,10 +13,12 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 
-from . import runs, server  # noqa: E402
+from . import ports, relay, runs, server  # noqa: E402
 
 OPERATIONS: dict[str, server.Handler] = {
     "run": runs.run,
+    "connect": relay.connect,
+    "ports": ports.ports,
     "ping": lambda connection, _: connection.send_json({"ok": True}),
 }
 
