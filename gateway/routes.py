@@ -29,6 +29,7 @@ from .keys import (
 )
 from .metrics import Metrics
 from .metrics_http import metrics_endpoint
+from .ports_api import list_ports
 from .preview import START_PATH, preview, preview_redirect_slash
 from .preview_auth import (
     LOGIN_PATH,
@@ -168,6 +169,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/sandbox/shares", list_shares, allow_head=False)
     router.add_delete("/api/sandbox/shares/{id}", revoke_share)
     router.add_post("/api/sandbox/projects", create_project)
+    router.add_get("/api/sandbox/ports", list_ports, allow_head=False)
     router.add_get("/api/admin/sandboxes", list_sandboxes, allow_head=False)
     router.add_get("/api/admin/sandboxes/{user}", get_any_sandbox, allow_head=False)
     router.add_delete("/api/admin/sandboxes/{user}", stop_any_sandbox)
