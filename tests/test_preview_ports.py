@@ -6,12 +6,14 @@ on a real gateway, sandbox and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import aiodocker
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from playwright.async_api import Page, expect
 from yarl import URL
 
 from gateway.preview_hosts import origin_of_host
@@ -19,6 +21,7 @@ from gateway.settings import Settings
 
 from .helpers import MakeClient, auth, poll, running_container_id
 from .test_preview import UPSTREAM_JS, root_url_of
+from .test_preview_browser import preview_frame, sign_in_and_start
 from .test_preview_origins import new_share, open_link
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
@@ -55,7 +58,7 @@ async def start_server(
 class Ports:
     """Alice's sandbox, with requests to any port's origin as a script sends them."""
 
-    def __init__(self, client: TestClient, http: aiohttp.ClientSession, root_url: str) -> None:
+    def __init__(self, client: TestClient, http: aiohttp.ClientSession | TestClient, root_url: str) -> None:
         self.client = client
         self.http = http
         root = URL(root_url).raw_authority
@@ -321,3 +324,31 @@ async def test_relays_per_sandbox_are_bounded(
             await http.ws_connect("/ws", headers=headers)
         assert failed.value.status == 429
         await ws.close()
+
+
+@pytest.mark.browser
+async def test_the_preview_pane_offers_the_ports_and_shows_the_chosen_one(
+    page: Page, client: TestClient, settings: Settings, docker: aiodocker.Docker
+) -> None:
+    await sign_in_and_start(page, settings)
+    await start_server(
+        client, docker, "alice", ["python3", "-m", "http.server", "--bind", "127.0.0.1", "8000"]
+    )
+    ports = Ports(client, client, await root_url_of(client, "alice"))
+    await poll(lambda: ports.answers(8000), timeout_s=20)
+    await page.click("#preview-reload")
+    offered = page.locator("#preview-port option[value='8000']")
+    await expect(offered).to_have_count(1, timeout=10_000)
+    assert "python3" in (await offered.text_content() or "")
+    await page.select_option("#preview-port", "8000")
+    frame = await preview_frame(page, f"http://{ports.host(8000)}")
+    await expect(frame.locator("h1")).to_have_text(re.compile("Directory listing"), timeout=20_000)
+    assert await page.get_attribute("#preview-link", "href") == f"http://{ports.host(8000)}/"
+    # And back to the default route.
+    await page.select_option("#preview-port", "")
+    root = (await root_url_of(client, "alice")).rstrip("/")
+    await poll(lambda: _shows(page, root), timeout_s=20)
+
+
+async def _shows(page: Page, origin: str) -> bool:
+    return any(frame.url.startswith(origin + "/") for frame in page.frames)

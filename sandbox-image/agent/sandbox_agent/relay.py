@@ -19,17 +19,13 @@ import ipaddress
 import socket
 from typing import Any
 
-from . import server
+from . import protocol, server
 from .protocol import OpError
 from .server import Connection
 
 CONNECT_TIMEOUT_S = 5.0
 # The agent's own ceiling on relays open at once, whatever the gateway asks (its setting is lower).
 MAX_RELAYS = 1024
-READ_CHUNK = 256 * 1024
-# Above this much unsent toward the gateway, reading from the sandbox's server waits.
-HIGH_WATER = 256 * 1024
-
 _open_relays = 0
 
 
@@ -55,86 +51,68 @@ def _own_address(connection: Connection) -> str | None:
     return None if address.is_loopback or address.is_unspecified else str(address)
 
 
-class _FromServer(asyncio.Protocol):
-    """The sandbox server's side: what it sends goes to the gateway, as it comes."""
+class _Side(asyncio.Protocol):
+    """One side of a relay: what arrives on this side's transport is written to the other's; while
+    this side's transport is backed up, the other side stops reading (the backpressure both ways)."""
 
     def __init__(self, relay: _Relay) -> None:
         self._relay = relay
-        self.writable = asyncio.Event()
-        self.writable.set()
+        self.transport: asyncio.Transport | None = None
+        self.other: _Side | None = None
+        # What a server that speaks first sent before the gateway's side was ready (after the answer).
+        self._early = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._relay.to_gateway(data)
+        other = self.other.transport if self.other is not None else None
+        if other is None or self._early:
+            self._early += data
+            return
+        other.write(data)
+
+    def flush_early(self) -> None:
+        """Once the other side is ready: what arrived before it."""
+        if self._early and self.other is not None and self.other.transport is not None:
+            self.other.transport.write(bytes(self._early))
+            self._early.clear()
 
     def eof_received(self) -> bool:
-        self._relay.server_ended()
-        return True  # the gateway may still be sending: keep our half open
+        # A half-close goes on to the other side; this transport stays open for what comes back.
+        other = self.other.transport if self.other is not None else None
+        if other is not None and not other.is_closing() and other.can_write_eof():
+            with contextlib.suppress(OSError):
+                other.write_eof()
+        self._relay.half_closed()
+        return True
 
     def pause_writing(self) -> None:
-        self.writable.clear()
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writable.set()
+        if self.other is not None and self.other.transport is not None and not self.other.transport.is_closing():
+            self.other.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.writable.set()
         self._relay.end()
 
 
 class _Relay:
-    def __init__(self, connection: Connection) -> None:
-        self._gateway = connection
-        self._gateway_transport = connection.writer.transport
-        self.server: asyncio.Transport | None = None
-        self.protocol = _FromServer(self)
+    """The gateway's connection and the server's, each with a `_Side`, copying transport to
+    transport: no task and no buffer of our own between them."""
+
+    def __init__(self) -> None:
+        self.gateway, self.server = _Side(self), _Side(self)
+        self.gateway.other, self.server.other = self.server, self.gateway
         self.done = asyncio.get_running_loop().create_future()
-        self._draining: asyncio.Future[None] | None = None
         self._halves = 0
 
-    def to_gateway(self, data: bytes) -> None:
-        transport = self._gateway_transport
-        transport.write(data)
-        if self._draining is None and transport.get_write_buffer_size() > HIGH_WATER and self.server:
-            # The backpressure toward a gateway that reads slowly: stop reading the server until
-            # what is queued for the gateway has gone.
-            self.server.pause_reading()
-            self._draining = asyncio.ensure_future(self._gateway.writer.drain())
-            self._draining.add_done_callback(self._drained)
-
-    def _drained(self, _: asyncio.Future[None]) -> None:
-        self._draining = None
-        if self.server is not None and not self.server.is_closing():
-            self.server.resume_reading()
-
-    def server_ended(self) -> None:
-        if self._gateway_transport.can_write_eof():
-            with contextlib.suppress(OSError):
-                self._gateway_transport.write_eof()
-        self._half_closed()
-
-    def _half_closed(self) -> None:
+    def half_closed(self) -> None:
         self._halves += 1
         if self._halves == 2:
             self.end()
-
-    async def from_gateway(self) -> None:
-        reader = self._gateway.reader
-        try:
-            while data := await reader.read(READ_CHUNK):
-                if self.server is None or self.server.is_closing():
-                    self.end()
-                    return
-                self.server.write(data)
-                # The backpressure toward the sandbox's server: the gateway's bytes wait in its own
-                # buffer (the reader stops reading past its limit) while the server's is full.
-                await self.protocol.writable.wait()
-        except ConnectionError:
-            self.end()
-            return
-        if self.server is not None and not self.server.is_closing() and self.server.can_write_eof():
-            with contextlib.suppress(OSError):
-                self.server.write_eof()
-        self._half_closed()
 
     def end(self) -> None:
         if not self.done.done():
@@ -147,11 +125,10 @@ async def _dial(relay: _Relay, port: int, hosts: list[str]) -> str:
     for host in hosts:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                transport, _ = await loop.create_connection(lambda: relay.protocol, host, port)
+                await loop.create_connection(lambda: relay.server, host, port)
         except (OSError, TimeoutError):
             # Refused, or no such address here (no IPv6 loopback in this sandbox): the next one.
             continue
-        relay.server = transport
         return host
     raise OpError("port_closed", f"nothing listens on port {port} in the sandbox")
 
@@ -162,20 +139,22 @@ async def connect(connection: Connection, request: dict[str, Any]) -> None:
     if _open_relays >= limit:
         raise OpError("too_many", f"{limit} connections to the sandbox's ports are open already")
     _open_relays += 1
-    relay = _Relay(connection)
-    pump: asyncio.Future[None] | None = None
+    relay = _Relay()
     try:
         hosts = ["127.0.0.1"] + (["::1"] if socket.has_ipv6 else [])
         if (own := _own_address(connection)) is not None:
             hosts.append(own)
         address = await _dial(relay, port, hosts)
-        await connection.send_json({"ok": True, "address": address})
-        pump = asyncio.ensure_future(relay.from_gateway())
+        # The gateway's connection is the relay's from here: its transport gets the relay's protocol
+        # before the answer goes out, so that no byte the gateway sends after reading it can land in
+        # the request's stream reader (the gateway sends nothing before it).
+        transport = connection.writer.transport
+        transport.set_protocol(relay.gateway)
+        relay.gateway.connection_made(transport)
+        transport.write(protocol.json_frame({"ok": True, "address": address}))
+        relay.server.flush_early()
         await relay.done
     finally:
         _open_relays -= 1
-        if pump is not None:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-        if relay.server is not None:
-            relay.server.close()
+        if relay.server.transport is not None:
+            relay.server.transport.close()
