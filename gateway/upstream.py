@@ -36,10 +36,12 @@ MAX_IDLE_PER_PORT = 128
 
 
 CONNECT_TIMEOUT_S = 10.0
+# How long a dev server may take to start answering a request (the head), once the request is sent.
+RESPONSE_TIMEOUT_S = 30.0
 # How long a default route whose published port led nowhere goes through the agent before the
 # published port is tried again (a dev server restarted with --host is then fast again).
 VIA_AGENT_S = 30.0
-MAX_REMEMBERED = 10_000
+MAX_REMEMBERED = 10_000  # such ports, at most (then forgotten all at once, and found again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +63,6 @@ class DevServer:
 
 Target = int | Relayed | DevServer
 P = TypeVar("P", bound=asyncio.Protocol)
-# How long a dev server may take to start answering a request (the head), once the request is sent.
-RESPONSE_TIMEOUT_S = 30.0
 
 
 class UpstreamError(Exception):
