@@ -1,6 +1,7 @@
 """The preview proxy side by side: direct to the published port, through the gateway (on the path
-route /preview/<user>/ and at the root of the sandbox's own origin, routed by Host), and through
-configurable-http-proxy (JupyterHub's proxy), against the same upstream server in a sandbox.
+route /preview/<user>/, at the root of the sandbox's own origin, routed by Host, and at a port's own
+origin `<port>-<label>`, through the sandbox's agent to a server on the sandbox's loopback), and
+through configurable-http-proxy (JupyterHub's proxy), against the same upstream server in a sandbox.
 
     .venv/bin/python -m bench.proxy [--seconds S] [--rounds N]
 
@@ -42,6 +43,10 @@ CONNECTIONS = (1, 16, 64)
 USER = "bench"
 # The path route (/preview/<user>/ on the shared preview origin) and the sandbox's own origin.
 GATEWAY_ROUTES = ("gateway", "gateway-root")
+# A port reached through the agent, against the default route (the published 5173) it sits beside.
+AGENT_ROUTE, AGENT_BASELINE = "gateway-port-via-agent", "gateway-root"
+# The second copy of the upstream server, on the sandbox's loopback only: only the agent reaches it.
+AGENT_PORT = 8001
 
 
 @dataclass
@@ -69,6 +74,12 @@ async def start_upstream(gateway: Gateway, docker: aiodocker.Docker) -> int:
     container = await docker.containers.get(f"{gateway.settings.gateway_name}-{USER}")
     execution = await container.exec(["node", "/workspace/upstream.js"], user="sandbox")
     await execution.start(detach=True)
+    loopback = await container.exec(
+        ["node", "/workspace/upstream.js"],
+        user="sandbox",
+        environment=[f"PORT={AGENT_PORT}", "HOST=127.0.0.1"],
+    )
+    await loopback.start(detach=True)
     info = await container.show()
     port = int(info["NetworkSettings"]["Ports"]["5173/tcp"][0]["HostPort"])
     async with aiohttp.ClientSession() as session:
@@ -81,6 +92,19 @@ async def start_upstream(gateway: Gateway, docker: aiodocker.Docker) -> int:
                 pass
             await asyncio.sleep(0.1)
     raise RuntimeError("the upstream server did not start")
+
+
+async def answering(routes: list[Route]) -> None:
+    """Waits until every route answers GET small (the loopback server starts beside the first)."""
+    async with aiohttp.ClientSession() as session:
+        for route in routes:
+            for _ in range(100):
+                async with session.get(route.base + "small", headers=route.headers) as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError(f"{route.name} does not answer")
 
 
 def install_node_tools() -> Path:
@@ -218,10 +242,12 @@ def medians(samples: Samples) -> dict[str, dict[str, Measured]]:
     }
 
 
-def round_ratios(samples: Samples, key: str, index: int, ours: str = "gateway") -> str:
-    """A gateway route / CHP within each round, where both met the same minute of the machine: the
-    median, and the lowest and highest round."""
-    rounds = zip(samples[ours][key], samples["configurable-http-proxy"][key], strict=True)
+def round_ratios(
+    samples: Samples, key: str, index: int, ours: str = "gateway", theirs: str = "configurable-http-proxy"
+) -> str:
+    """A gateway route / CHP (or `theirs`) within each round, where both met the same minute of the
+    machine: the median, and the lowest and highest round."""
+    rounds = zip(samples[ours][key], samples[theirs][key], strict=True)
     ratios = sorted(mine[index] / theirs[index] for mine, theirs in rounds)
     return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
@@ -256,8 +282,15 @@ async def main(seconds: int, rounds: int) -> None:
                     f"http://127.0.0.1:{gateway_port}/",
                     {"Host": root_host, **gateway.headers(USER)},
                 ),
+                # Another port of the sandbox, at its own origin, through the agent's relay.
+                Route(
+                    AGENT_ROUTE,
+                    f"http://127.0.0.1:{gateway_port}/",
+                    {"Host": f"{AGENT_PORT}-{root_host}", **gateway.headers(USER)},
+                ),
                 Route("configurable-http-proxy", f"http://127.0.0.1:{chp_port}/preview/{USER}/"),
             ]
+            await answering(routes)
             samples = await asyncio.to_thread(measure, routes, rounds, seconds)
     report(samples, seconds, rounds)
 
@@ -282,6 +315,9 @@ def report(samples: Samples, seconds: int, rounds: int) -> None:
         print(f"  {ours} adds {added:.2f} ms to the p50 at c=1")
         for c in CONNECTIONS:
             print(f"  {ours} / CHP req/s at c={c}, per round: {round_ratios(samples, f'c={c}', 0, ours)}")
+    for c in CONNECTIONS:
+        ratio = round_ratios(samples, f"c={c}", 0, AGENT_ROUTE, AGENT_BASELINE)
+        print(f"  {AGENT_ROUTE} / {AGENT_BASELINE} req/s at c={c}, per round: {ratio} (target >= 0.7)")
     print("\nDownload of 200 MB (curl)")
     for name, measured in results.items():
         rate = measured["download"][0]
@@ -295,6 +331,8 @@ def report(samples: Samples, seconds: int, rounds: int) -> None:
         added_ws = results[ours]["websocket"][0] - direct["websocket"][0]
         print(f"  {ours} adds {added_ws:.3f} ms to the round-trip p50")
         print(f"  {ours} / CHP msg/s, per round: {round_ratios(samples, 'websocket', 1, ours)}")
+    ratio = round_ratios(samples, "websocket", 1, AGENT_ROUTE, AGENT_BASELINE)
+    print(f"  {AGENT_ROUTE} / {AGENT_BASELINE} msg/s, per round: {ratio} (target >= 0.7)")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from . import agent_protocol as protocol
 from .errors import AgentFailed, AgentUnavailable
@@ -111,3 +111,95 @@ async def wait_ready(address: AgentAddress, timeout_s: float = READY_TIMEOUT_S) 
             if asyncio.get_running_loop().time() >= deadline:
                 raise
         await asyncio.sleep(READY_POLL_S)
+
+
+class _RelayAnswer(asyncio.Protocol):
+    """Reads the agent's answer to "connect"; what follows it is the sandbox server's, and is kept
+    for the protocol that takes the connection over."""
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self.rest = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            self.rest += data
+            return
+        self._buffer += data
+        if len(self._buffer) < protocol.HEADER.size:
+            return
+        kind, length = protocol.HEADER.unpack_from(self._buffer)
+        if kind != protocol.JSON or length > protocol.MAX_FRAME:
+            self.answer.set_exception(AgentUnavailable("the sandbox's agent broke the protocol"))
+            return
+        end = protocol.HEADER.size + length
+        if len(self._buffer) < end:
+            return
+        try:
+            self.answer.set_result(protocol.parse_json(bytes(self._buffer[protocol.HEADER.size : end])))
+        except protocol.ProtocolError as err:
+            self.answer.set_exception(AgentUnavailable(f"the sandbox's agent broke the protocol: {err}"))
+            return
+        self.rest = bytes(self._buffer[end:])
+        # Nothing more until the protocol that takes over is in place.
+        assert self.transport is not None
+        self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            # Docker's proxy accepts and then closes when the agent is not (yet, or any more) listening.
+            self.answer.set_exception(AgentUnavailable("the sandbox's agent closed the connection"))
+
+
+async def relay(
+    address: AgentAddress, port: int, max_relays: int, take_over: Callable[[], asyncio.Protocol]
+) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    """A connection to `port` inside the sandbox through its agent's "connect", handed to the
+    protocol `take_over` makes once the agent connected, as if it had been connected there directly.
+    Raises AgentUnavailable, or AgentFailed (code port_closed when nothing listens there)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            transport, handshake = await loop.create_connection(_RelayAnswer, address.host, address.port)
+    except (OSError, TimeoutError) as err:
+        raise AgentUnavailable(f"the sandbox's agent does not answer: {err!r}") from err
+    try:
+        await _relay_answer(transport, handshake, address, port, max_relays)
+    except BaseException:
+        transport.close()
+        raise
+    taker = take_over()
+    transport.set_protocol(taker)
+    taker.connection_made(transport)
+    if handshake.rest:
+        taker.data_received(handshake.rest)
+    transport.resume_reading()
+    return transport, taker
+
+
+async def _relay_answer(
+    transport: asyncio.BaseTransport,
+    handshake: _RelayAnswer,
+    address: AgentAddress,
+    port: int,
+    max_relays: int,
+) -> None:
+    request = {"v": protocol.VERSION, "secret": address.secret, "op": "connect", "port": port}
+    cast(asyncio.Transport, transport).write(protocol.json_frame({**request, "max_relays": max_relays}))
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            answer = await handshake.answer
+    except TimeoutError as err:
+        raise AgentUnavailable("the sandbox's agent does not answer") from err
+    if not answer.get("ok"):
+        error = answer.get("error") or {}
+        raise AgentFailed(
+            str(error.get("code", "agent_error")), str(error.get("message", "the agent refused"))
+        )
+    if transport.is_closing():
+        raise AgentUnavailable("the sandbox's agent closed the connection")

@@ -219,11 +219,11 @@ class FrontDoor(asyncio.Protocol):
             self._busy = False
             self._hand_over()
             return True
-        connection = None if admitted is None else self.deps.upstream.idle_connection(admitted.port)
+        connection = None if admitted is None else self.deps.upstream.idle_connection(admitted.target)
         if admitted is None or connection is None:
             return False
         request_id = request_id_for(request.header("x-request-id"))
-        headers = upstream_headers(request.headers, self.remote, seen.host, "http")
+        headers = upstream_headers(request.headers, self.remote, seen.host, "http", admitted.upstream_host)
         answered = functools.partial(self._answered, request, admitted, request_id, time.perf_counter())
         self._in_flight = connection
         connection.send_then(request_head(request.method, request.target, headers), request.method, answered)
@@ -452,11 +452,11 @@ async def _admit(door: FrontDoor, route: Route, seen: PreviewRequest, request: H
 async def serve_http(door: FrontDoor, request: Head, route: Route, seen: PreviewRequest) -> int:
     """Proxies one bodiless request; returns the status sent."""
     admitted = await _admit(door, route, seen, request)
-    headers = upstream_headers(request.headers, door.remote, seen.host, "http")
+    headers = upstream_headers(request.headers, door.remote, seen.host, "http", admitted.upstream_host)
     head = request_head(request.method, request.target, headers)
     try:
         upstream = await door.deps.upstream.request(
-            admitted.port, head, None, chunked=False, method=request.method
+            admitted.target, head, None, chunked=False, method=request.method
         )
     except UpstreamTimeout:
         door.write(timed_out(request, current_request_id.get()))
@@ -476,9 +476,14 @@ async def serve_websocket(door: FrontDoor, request: Head, route: Route, seen: Pr
     admitted = await _admit(door, route, seen, request)
     try:
         answer = await upgrade_upstream(
-            admitted.port, upgrade_head(request.headers, request.target, door.remote, seen.host, "http")
+            door.deps.upstream,
+            admitted.target,
+            upgrade_head(
+                request.headers, request.target, door.remote, seen.host, "http", admitted.upstream_host
+            ),
         )
-    except UpgradeRefused:
+    except (UpgradeRefused, UpstreamError):
+        # Nothing listening, or no relay free: aiohttp tries once more and words the answer.
         raise HandOver from None
     request_id = current_request_id.get()
     if answer.status != 101:

@@ -43,7 +43,7 @@ from .preview_headers import (
 )
 from .schemas import check_identity_coding
 from .splice import Splice, UpgradeRefused, upgrade_upstream
-from .upstream import Response, UpstreamError, UpstreamTimeout
+from .upstream import RelaysExhausted, Response, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,14 @@ async def serve(request: web.Request, route: Route, seen: PreviewRequest) -> web
         if seen.upgrade:
             return await _proxy_websocket(request, admitted)
         return await _proxy_http(request, admitted)
+    except RelaysExhausted as err:
+        return _error(request, err.refusal)
     except DevServerUnreachable:
         # A sandbox killed from outside (docker kill, OOM) closes its port too: that is said as
         # what it is, and recorded, rather than as a dev server that is not listening yet.
         if await request.app[SANDBOXES].has_stopped(admitted.user):
             return _stopped(request, StoppedPreview(route, admitted.viewer))
-        return _not_listening(request, admitted.prefix)
+        return _not_listening(request, admitted.prefix, admitted.sandbox_port if route.port else None)
 
 
 class DevServerUnreachable(Exception):
@@ -93,7 +95,9 @@ class DevServerUnreachable(Exception):
 async def _proxy_http(request: web.Request, target: Admitted) -> web.StreamResponse:
     if request.body_exists:
         check_identity_coding(request)
-    headers = upstream_headers(request.headers.items(), request.remote or "", request.host, request.scheme)
+    headers = upstream_headers(
+        request.headers.items(), request.remote or "", request.host, request.scheme, target.upstream_host
+    )
     chunked = request.body_exists and hdrs.CONTENT_LENGTH not in request.headers
     if chunked:
         headers.append((hdrs.TRANSFER_ENCODING, "chunked"))
@@ -103,14 +107,16 @@ async def _proxy_http(request: web.Request, target: Admitted) -> web.StreamRespo
     try:
         upstream = await _unless_client_left(
             request,
-            request.app[UPSTREAM].request(target.port, head, body, chunked=chunked, method=request.method),
+            request.app[UPSTREAM].request(target.target, head, body, chunked=chunked, method=request.method),
         )
     except UpstreamTimeout as err:
-        log.info("preview upstream %s timed out: %s", target.port, err)
+        log.info("preview upstream %s timed out: %s", target.sandbox_port, err)
         content_type, page = timeout_answer(_wants_html(request))
         return web.Response(status=504, body=page, headers={hdrs.CONTENT_TYPE: content_type})
+    except RelaysExhausted:
+        raise
     except UpstreamError as err:
-        log.info("preview upstream %s failed: %s", target.port, err)
+        log.info("preview upstream %s failed: %s", target.sandbox_port, err)
         raise DevServerUnreachable() from err
     answer = CIMultiDict(response_headers(upstream.headers, target.prefix))
     if request.method != "HEAD" and upstream.status not in BODILESS_STATUSES:
@@ -142,9 +148,10 @@ async def _proxy_websocket(request: web.Request, target: Admitted) -> web.Stream
         request.remote or "",
         request.host,
         request.scheme,
+        target.upstream_host,
     )
     try:
-        answer = await upgrade_upstream(target.port, head)
+        answer = await upgrade_upstream(request.app[UPSTREAM], target.target, head)
     except UpgradeRefused as err:
         raise DevServerUnreachable() from err
     if answer.status != 101:
@@ -210,11 +217,13 @@ def _error(request: web.Request, err: GatewayError) -> web.Response:
     return _page(err.status, "Preview unavailable", err.message)
 
 
-def _not_listening(request: web.Request, prefix: str) -> web.Response:
-    how = 'npm run dev -- --host 0.0.0.0 --base "$PREVIEW_BASE"' if prefix != "/" else "npm run dev -- --host"
-    message = (
-        f"Nothing answers on port 5173 in your sandbox yet. Start your dev server there, for example {how}"
-    )
+def _not_listening(request: web.Request, prefix: str, port: int | None = None) -> web.Response:
+    """`port`: a port origin's (`<port>-<label>`); None: the default route's 5173."""
+    if port is not None:
+        message = f"Nothing listens on port {port} in your sandbox. Start a server there (on any address)"
+    else:
+        how = 'npm run dev -- --host 0.0.0.0 --base "$PREVIEW_BASE"' if prefix != "/" else "npm run dev"
+        message = f"Nothing answers on port 5173 in your sandbox yet. Start a dev server, e.g. {how}"
     if _wants_html(request):
         # The dev server is often seconds away from listening: the page tries again by itself.
         return _page(

@@ -4,7 +4,10 @@ may see it, where its dev server listens, and whether the visit counts as activi
 
 Two routes lead to a preview:
 - **its own origin**, `<label>.<preview domain>`, where the dev server is served at the root, so any
-  app with root-absolute URLs works unmodified;
+  app with root-absolute URLs works unmodified; and beside it `<port>-<label>.<preview domain>` for
+  any other port P of the sandbox, reached through the sandbox's agent (servers listening on the
+  sandbox's loopback only included), with the same credentials, sharing and isolation, each origin
+  with cookies of its own;
 - **the path route**, `/preview/<user>/` on the shared preview origin, for projects that set their
   base to it (kept so that nothing that worked before breaks).
 
@@ -32,13 +35,14 @@ from .errors import (
     SandboxPaused,
     Unauthorized,
 )
-from .preview_headers import SESSION_COOKIE, SHARE_COOKIE, cookie_values, sound_path
-from .preview_hosts import PreviewHosts, label_of_host
+from .preview_headers import SESSION_COOKIE, SHARE_COOKIE, UPSTREAM_HOST, cookie_values, sound_path
+from .preview_hosts import PreviewHosts, origin_of_host, port_host_label
 from .preview_sessions import PreviewSessions
-from .sandboxes import Sandboxes
+from .sandboxes import PreviewTarget, Sandboxes
 from .settings import Settings
 from .shares import ShareStore, is_live
 from .tokens import USER_PATTERN, TokenVerifier, parse_bearer
+from .upstream import DevServer, Relayed, Target
 
 PATH_ROUTE_PREFIX = "/preview/"
 # The metrics' route labels of the two routes (never a raw path, a user or a label).
@@ -47,6 +51,9 @@ ROOT_ROUTE_LABEL = "{preview_origin}/{tail}"
 # Paths of a sandbox's own origin that the gateway answers itself (login, share links, waking up);
 # everything else is the dev server's.
 RESERVED_PREFIX = "/_sandbox-gateway/"
+# The dev server's port of the default route, and the agent's own, which no origin reaches.
+DEV_SERVER_PORT = 5173
+AGENT_PORT = 49983
 
 
 class PreviewRedirect(GatewayError):
@@ -92,6 +99,12 @@ class Route:
     user: str | None  # None only while a label's owner is not known yet
     prefix: str  # where the preview lives on its origin: "/" or "/preview/<user>/"
     origin: str  # this preview's origin, as browsers name it
+    port: int | None = None  # a `<port>-<label>` origin's port; None: the default route (5173)
+
+    @property
+    def host_label(self) -> str | None:
+        """What this origin's cookies and login tickets are bound to: its first DNS label."""
+        return None if self.label is None else port_host_label(self.label, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +125,15 @@ class Viewer:
 @dataclass(frozen=True, slots=True)
 class Admitted:
     user: str
-    port: int
+    target: Target  # where the upstream connection goes (upstream.py)
     prefix: str
     viewer: Viewer
+    sandbox_port: int = DEV_SERVER_PORT  # the port inside the sandbox
+
+    @property
+    def upstream_host(self) -> str:
+        """The Host the server in the sandbox sees: its own."""
+        return UPSTREAM_HOST if self.sandbox_port == DEV_SERVER_PORT else f"localhost:{self.sandbox_port}"
 
 
 OWNER = Viewer("owner")
@@ -160,6 +179,10 @@ class PreviewGate:
             "path_preview_url": f"{self.settings.preview_origin}{PATH_ROUTE_PREFIX}{user}/",
         }
 
+    def port_url(self, label: str, port: int) -> str:
+        """The origin of port `port` of the sandbox whose label is `label`, with its root path."""
+        return self.settings.preview_root_origin(port_host_label(label, port)) + "/"
+
     # -- the route --
     def route(self, host: str, path: str, has_bearer: bool) -> Route | None:
         """Which preview a request is for; None when it is not for a preview at all (the page, the
@@ -168,12 +191,18 @@ class PreviewGate:
         if settings.on_preview_domain(host):
             if path.startswith(RESERVED_PREFIX):
                 return None
-            label = label_of_host(host, settings.preview_root_suffix)
-            if label is None:
+            found = origin_of_host(host, settings.preview_root_suffix)
+            if found is None:
                 raise PreviewNotFound("no preview is served at this host")
+            label, port = found
+            if port == AGENT_PORT:
+                raise PreviewNotFound(
+                    f"port {AGENT_PORT} is the sandbox agent's own: no preview is served there"
+                )
             if not sound_path(path, "/"):
                 raise InvalidRequest("malformed preview path")
-            return Route(label, self.hosts.cached_owner(label), "/", settings.preview_root_origin(label))
+            origin = settings.preview_root_origin(port_host_label(label, port))
+            return Route(label, self.hosts.cached_owner(label), "/", origin, port)
         if not path.startswith(PATH_ROUTE_PREFIX):
             return None
         user = path.split("/", 3)[2] if path.count("/") >= 3 else ""
@@ -196,7 +225,7 @@ class PreviewGate:
         owner = await self.hosts.owner(route.label)
         if owner is None:
             raise PreviewNotFound("no preview is served at this host")
-        return Route(route.label, owner, route.prefix, route.origin)
+        return Route(route.label, owner, route.prefix, route.origin, route.port)
 
     # -- the viewer --
     def viewer_now(
@@ -216,7 +245,7 @@ class PreviewGate:
         # Every value of the cookie: a sibling origin may have tossed one of the same name at us.
         for value in cookie_values(cookies, SESSION_COOKIE):
             session = self._sessions.session(value)
-            if session is None or session.host != route.label:
+            if session is None or session.host != route.host_label:
                 continue
             if session.subject == owner:
                 return self._same_origin(route, request, OWNER)
@@ -224,7 +253,7 @@ class PreviewGate:
         if route.label is not None:
             for value in cookie_values(cookies, SHARE_COOKIE):
                 claims = self._sessions.share(value)
-                if claims is None or claims.host != route.label:
+                if claims is None or claims.host != route.host_label:
                     continue
                 if looked_up is not None and claims.subject in looked_up:
                     share = looked_up[claims.subject]
@@ -260,7 +289,7 @@ class PreviewGate:
         looked_up: dict[str, Share | None] = {}
         for value in cookie_values(request.cookie or "", SHARE_COOKIE):
             claims = self._sessions.share(value)
-            if claims is not None and claims.host == route.label and claims.subject not in looked_up:
+            if claims is not None and claims.host == route.host_label and claims.subject not in looked_up:
                 looked_up[claims.subject] = await self.shares.get(claims.subject)
         return self.viewer_now(route, request, looked_up)
 
@@ -286,10 +315,10 @@ class PreviewGate:
             return None
         self.check_websocket_origin(route, request)
         self._check_not_paused(route.user)
-        port = self._sandboxes.cached_preview_port(route.user)
-        if port is None or (viewer.counts_as_activity and self.activity.due(route.user)):
+        preview = self._sandboxes.cached_preview_target(route.user)
+        if preview is None or (viewer.counts_as_activity and self.activity.due(route.user)):
             return None
-        return Admitted(route.user, port, route.prefix, viewer)
+        return self._admitted(route, route.user, preview, viewer)
 
     async def admit(self, route: Route, request: PreviewRequest) -> Admitted:
         route = await self.resolved(route)
@@ -298,9 +327,22 @@ class PreviewGate:
         self.check_websocket_origin(route, request)
         self._check_not_paused(route.user)
         try:
-            port = await self._sandboxes.preview_port(route.user)
+            preview = await self._sandboxes.preview_target(route.user)
         except SandboxNotRunning:
             raise StoppedPreview(route, viewer) from None
         if viewer.counts_as_activity:
             await self.activity.seen(route.user)
-        return Admitted(route.user, port, route.prefix, viewer)
+        return self._admitted(route, route.user, preview, viewer)
+
+    def _admitted(self, route: Route, user: str, preview: PreviewTarget, viewer: Viewer) -> Admitted:
+        """Where the request goes: the published 5173 (through the agent if that leads nowhere), or
+        any other port through the agent."""
+        relays = self.settings.preview_port_relays
+        if route.port is None:
+            if preview.agent is None:
+                return Admitted(user, preview.host_port, route.prefix, viewer)
+            fallback = Relayed(preview.agent, DEV_SERVER_PORT, relays)
+            return Admitted(user, DevServer(preview.host_port, fallback), route.prefix, viewer)
+        if preview.agent is None:
+            raise SandboxNotRunning("your sandbox was started before this gateway's agent; restart it")
+        return Admitted(user, Relayed(preview.agent, route.port, relays), route.prefix, viewer, route.port)

@@ -15,13 +15,15 @@ from __future__ import annotations
 import time
 from urllib.parse import urlencode
 
+import pydantic
 from aiohttp import hdrs, web
 
 from . import db, ratelimit
 from .errors import Forbidden, InvalidRequest, PreviewNotFound, SandboxNotRunning, Unauthorized
 from .keys import DB, PREVIEW_GATE, PREVIEW_HOSTS, PREVIEW_SESSIONS, SANDBOXES, SETTINGS, USER
-from .preview_access import RESERVED_PREFIX, PreviewRequest, Route
+from .preview_access import AGENT_PORT, RESERVED_PREFIX, PreviewRequest, Route
 from .preview_headers import SESSION_COOKIE, SHARE_COOKIE
+from .preview_hosts import port_host_label
 from .preview_sessions import (
     SESSION_AUDIENCE,
     SESSION_LIFETIME_S,
@@ -31,6 +33,7 @@ from .preview_sessions import (
     sign_share,
     verified_claims,
 )
+from .schemas import StrictModel, parse_body
 from .settings import Settings
 from .shares import is_live
 
@@ -38,9 +41,16 @@ LOGIN_PATH = "/_preview/login"  # on the shared preview origin (the path route)
 ROOT_LOGIN_PATH = RESERVED_PREFIX + "login"  # on each sandbox's own origin
 
 
+class PreviewSessionBody(StrictModel):
+    # A port of the sandbox whose own origin (`<port>-<label>`) to log in to as well.
+    port: int | None = pydantic.Field(default=None, ge=1, le=65535)
+
+
 async def preview_session(request: web.Request) -> web.Response:
     """POST /api/sandbox/preview-session: login URLs that give this browser the preview cookie, on
-    the sandbox's own origin (`login_url`) and on the path route (`path_login_url`)."""
+    the sandbox's own origin (`login_url`) and on the path route (`path_login_url`), and with
+    {"port": P} on that port's origin (`port_login_url`)."""
+    options = await parse_body(request, PreviewSessionBody, optional=True)
     user = request[USER]
     settings = request.app[SETTINGS]
     key = request.app[PREVIEW_SESSIONS].key
@@ -48,12 +58,20 @@ async def preview_session(request: web.Request) -> web.Response:
     root_ticket = sign(user, TICKET_AUDIENCE, TICKET_LIFETIME_S, key, host=label)
     path_ticket = sign(user, TICKET_AUDIENCE, TICKET_LIFETIME_S, key)
     origin = settings.preview_root_origin(label)
-    body = {
+    body: dict[str, object] = {
         "login_url": f"{origin}{ROOT_LOGIN_PATH}?{urlencode({'ticket': root_ticket})}",
         "path_login_url": f"{settings.preview_origin}{LOGIN_PATH}?{urlencode({'ticket': path_ticket})}",
         **await request.app[PREVIEW_GATE].urls(user),
         "expires_in": TICKET_LIFETIME_S,
     }
+    if options.port is not None:
+        if options.port == AGENT_PORT:
+            raise InvalidRequest(f"port: {AGENT_PORT} is the sandbox agent's own")
+        host_label = port_host_label(label, options.port)
+        port_ticket = sign(user, TICKET_AUDIENCE, TICKET_LIFETIME_S, key, host=host_label)
+        port_origin = settings.preview_root_origin(host_label)
+        body["port_url"] = port_origin + "/"
+        body["port_login_url"] = f"{port_origin}{ROOT_LOGIN_PATH}?{urlencode({'ticket': port_ticket})}"
     return web.json_response(body)
 
 
@@ -76,11 +94,12 @@ async def preview_login(request: web.Request) -> web.StreamResponse:
 async def root_login(request: web.Request) -> web.StreamResponse:
     """GET /_sandbox-gateway/login?ticket=...[&next=/path] on a sandbox's own origin."""
     route = await _root_route(request)
-    user = await _ticket_user(request, route.label)
+    # Bound to this one origin: a port's origin (`<port>-<label>`) has logins and cookies of its own.
+    user = await _ticket_user(request, route.host_label)
     if user != route.user:
         raise Forbidden("this login link is for another preview")
     cookie = sign(
-        user, SESSION_AUDIENCE, SESSION_LIFETIME_S, request.app[PREVIEW_SESSIONS].key, host=route.label
+        user, SESSION_AUDIENCE, SESSION_LIFETIME_S, request.app[PREVIEW_SESSIONS].key, host=route.host_label
     )
     redirect = web.HTTPSeeOther(_next_path(request.query.get("next")))
     raise _with_cookie(redirect, SESSION_COOKIE, cookie, "/", SESSION_LIFETIME_S, request.app[SETTINGS])
@@ -93,10 +112,11 @@ async def open_share(request: web.Request) -> web.StreamResponse:
     share = await gate.shares.by_secret(request.query.get("key", ""))
     if share is None or share.user != route.user or not is_live(share):
         raise PreviewNotFound("this share link is not valid: it may have expired or been revoked")
-    assert route.label is not None
+    assert route.host_label is not None
     lifetime = int(share.expires_at.timestamp() - time.time())
+    # A share opens every port of the sandbox it shares, each origin with its own cookie.
     cookie = sign_share(
-        share.id, route.label, share.expires_at.timestamp(), request.app[PREVIEW_SESSIONS].key
+        share.id, route.host_label, share.expires_at.timestamp(), request.app[PREVIEW_SESSIONS].key
     )
     redirect = web.HTTPSeeOther("/")
     raise _with_cookie(redirect, SHARE_COOKIE, cookie, "/", lifetime, request.app[SETTINGS])

@@ -58,9 +58,10 @@ def sound_path(raw_path: str, prefix: str) -> bool:
 
 
 def upstream_headers(
-    items: Iterable[tuple[str, str]], remote: str, host: str, scheme: str
+    items: Iterable[tuple[str, str]], remote: str, host: str, scheme: str, upstream_host: str = UPSTREAM_HOST
 ) -> list[tuple[str, str]]:
-    """What of a client's request headers goes to the dev server, and what the gateway adds."""
+    """What of a client's request headers goes to the dev server, and what the gateway adds.
+    `upstream_host`: the Host the dev server sees, its own (localhost:<port>)."""
     kept: list[tuple[str, str]] = []
     connection_listed: set[str] = set()
     forwarded_for = None
@@ -81,7 +82,7 @@ def upstream_headers(
         # Connection names headers of this hop only, wherever they stand in the request.
         kept = [(name, value) for name, value in kept if name.lower() not in connection_listed]
     kept += (
-        ("Host", UPSTREAM_HOST),
+        ("Host", upstream_host),
         ("X-Forwarded-For", f"{forwarded_for}, {remote}" if forwarded_for else remote),
         ("X-Forwarded-Host", host),
         ("X-Forwarded-Proto", scheme),
@@ -89,11 +90,18 @@ def upstream_headers(
     return kept
 
 
-def upgrade_head(items: Iterable[tuple[str, str]], target: str, remote: str, host: str, scheme: str) -> bytes:
+def upgrade_head(
+    items: Iterable[tuple[str, str]],
+    target: str,
+    remote: str,
+    host: str,
+    scheme: str,
+    upstream_host: str = UPSTREAM_HOST,
+) -> bytes:
     """The upgrade request for the dev server: the request headers as for HTTP, and the client's
     WebSocket handshake headers, which are the dev server's to answer."""
     items = list(items)
-    headers = upstream_headers(items, remote, host, scheme)
+    headers = upstream_headers(items, remote, host, scheme, upstream_host)
     headers += (("Upgrade", "websocket"), ("Connection", "Upgrade"))
     handshake: dict[str, tuple[str, str]] = {}
     for name, value in items:

@@ -18,6 +18,9 @@ from . import db
 
 LABEL_PREFIX = "p"
 LABEL = re.compile(r"p[a-z2-7]{16}")
+# Any port of a sandbox at its own origin beside the sandbox's: `<port>-<label>`, the port as written
+# in decimal without leading zeros (one origin per port, never two spellings of one).
+PORT_LABEL = re.compile(r"([1-9][0-9]{0,4})-(p[a-z2-7]{16})")
 
 
 def new_label() -> str:
@@ -37,6 +40,26 @@ def label_of_host(host: str, suffix: str) -> str | None:
         return None
     label = lowered[: -len(suffix)]
     return label if LABEL.fullmatch(label) else None
+
+
+def origin_of_host(host: str, suffix: str) -> tuple[str, int | None] | None:
+    """The sandbox label and port (None: the default route) of a Host header that names a preview
+    origin, else None; as exact as label_of_host."""
+    lowered = host.lower()
+    if not lowered.endswith(suffix):
+        return None
+    first = lowered[: -len(suffix)]
+    if LABEL.fullmatch(first):
+        return first, None
+    port_label = PORT_LABEL.fullmatch(first)
+    if port_label is None or int(port_label[1]) > 65535:
+        return None
+    return port_label[2], int(port_label[1])
+
+
+def port_host_label(label: str, port: int | None) -> str:
+    """The first DNS label of a preview origin: the sandbox's label, or `<port>-<label>`."""
+    return label if port is None else f"{port}-{label}"
 
 
 class PreviewHosts:

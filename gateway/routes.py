@@ -29,6 +29,7 @@ from .keys import (
 )
 from .metrics import Metrics
 from .metrics_http import metrics_endpoint
+from .ports_api import list_ports
 from .preview import START_PATH, preview, preview_redirect_slash
 from .preview_auth import (
     LOGIN_PATH,
@@ -184,6 +185,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/sandbox/processes/{id}/output", process_output, allow_head=False)
     router.add_post("/api/sandbox/processes/{id}/stdin", write_stdin)
     router.add_post("/api/sandbox/processes/{id}/signal", signal_process)
+    router.add_get("/api/sandbox/ports", list_ports, allow_head=False)
     router.add_get("/api/admin/sandboxes", list_sandboxes, allow_head=False)
     router.add_get("/api/admin/sandboxes/{user}", get_any_sandbox, allow_head=False)
     router.add_delete("/api/admin/sandboxes/{user}", stop_any_sandbox)

@@ -37,6 +37,12 @@ PORT_CACHE_S = 1.0
 AGENT_HOST = "127.0.0.1"
 
 
+@dataclass(frozen=True, slots=True)
+class PreviewTarget:
+    host_port: int  # where 5173 is published on 127.0.0.1
+    agent: AgentAddress | None  # None: a sandbox started before the agent
+
+
 @dataclass(frozen=True)
 class StartResult:
     session: Session
@@ -76,7 +82,7 @@ class Sandboxes:
         self._network_ready = False
         # user -> (published port, when looked up): spares the preview proxy a query per request.
         # A second is as stale as it gets, and a stale port only fails to connect.
-        self._ports: dict[str, tuple[int, float]] = {}
+        self._ports: dict[str, tuple[PreviewTarget, float]] = {}
         # Users whose container is paused, as the engine's events say (container_events.py).
         self._paused: set[str] = set()
 
@@ -349,14 +355,24 @@ class Sandboxes:
 
     def cached_preview_port(self, user: str) -> int | None:
         """preview_port if it is known without asking the database."""
+        cached = self.cached_preview_target(user)
+        return None if cached is None else cached.host_port
+
+    async def preview_port(self, user: str) -> int:
+        """The host port on 127.0.0.1 where the user's container publishes 5173."""
+        return (await self.preview_target(user)).host_port
+
+    def cached_preview_target(self, user: str) -> PreviewTarget | None:
+        """preview_target if it is known without asking the database."""
         cached = self._ports.get(user)
         if cached and time.monotonic() - cached[1] < PORT_CACHE_S:
             return cached[0]
         return None
 
-    async def preview_port(self, user: str) -> int:
-        """The host port on 127.0.0.1 where the user's container publishes 5173."""
-        cached = self.cached_preview_port(user)
+    async def preview_target(self, user: str) -> PreviewTarget:
+        """Where the previews of the user's running sandbox are reached: the published 5173, and the
+        agent, which relays to any port."""
+        cached = self.cached_preview_target(user)
         if cached is not None:
             return cached
         now = time.monotonic()
@@ -365,8 +381,12 @@ class Sandboxes:
         if session is None or session.state != "running" or session.host_port is None:
             self._ports.pop(user, None)
             raise SandboxNotRunning()
-        self._ports[user] = (session.host_port, now)
-        return session.host_port
+        agent = None
+        if session.agent_port is not None and session.agent_secret is not None:
+            agent = AgentAddress(AGENT_HOST, session.agent_port, session.agent_secret)
+        target = PreviewTarget(session.host_port, agent)
+        self._ports[user] = (target, now)
+        return target
 
     @property
     def activity_interval_s(self) -> float:

@@ -183,6 +183,9 @@ class Settings:
     max_shares_per_user: int = 20
     # How long a dev server may take to start answering a preview request before the gateway says 504.
     preview_response_timeout_s: float = 30.0
+    # Connections open at once per sandbox through its agent to its ports (<port>-<label> origins,
+    # and 5173 when its dev server listens on loopback only); the agent caps it at 1024.
+    preview_port_relays: int = 256
     # Origins besides the gateway's own from which browsers may open WebSockets (terminal, preview HMR).
     allowed_origins: frozenset[str] = frozenset()
     max_terminals_per_user: int = 5
@@ -300,6 +303,7 @@ class Settings:
             share_max_lifetime_s=_int(env, "PREVIEW_SHARE_MAX_LIFETIME_S", 7 * 24 * 3600, minimum=60),
             max_shares_per_user=_int(env, "PREVIEW_MAX_SHARES_PER_USER", 20, minimum=0),
             preview_response_timeout_s=_int(env, "PREVIEW_RESPONSE_TIMEOUT_S", 30, minimum=1),
+            preview_port_relays=_int(env, "PREVIEW_PORT_RELAYS", 256, minimum=1),
             allowed_origins=frozenset(
                 origin.strip().rstrip("/")
                 for origin in env.get("GATEWAY_ALLOWED_ORIGINS", "").split(",")

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 
 from .activity import ActivityRecorder
 from .metrics import Metrics
 from .preview_headers import parse_answer_head
-from .upstream import CONNECT_TIMEOUT_S
+from .upstream import DevServer, RelaysExhausted, Target, UpstreamError, UpstreamPool, open_connection
 
 # Above this much unsent toward the client, reading from the dev server waits (aiohttp's transports
 # say nothing to a protocol that is not theirs, so the aiohttp side measures it itself).
@@ -179,6 +180,10 @@ class _UpgradeAnswer(asyncio.Protocol):
         )
         self._buffer = bytearray()
         self._end = -1
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -211,16 +216,36 @@ class UpgradeAnswer:
     ahead: bytes  # what the dev server sent after its head
 
 
-async def upgrade_upstream(port: int, head: bytes) -> UpgradeAnswer:
-    """Sends the upgrade request to the dev server on 127.0.0.1:`port` and reads its answer. A 101's
-    transport is the caller's to splice; any other answer's is already closed."""
-    loop = asyncio.get_running_loop()
+async def upgrade_upstream(pool: UpstreamPool, target: Target, head: bytes) -> UpgradeAnswer:
+    """Sends the upgrade request to the dev server at `target` and reads its answer. A 101's
+    transport is the caller's to splice; any other answer's is already closed. RelaysExhausted when
+    the sandbox's agent may relay no more."""
     try:
-        transport, answer = await asyncio.wait_for(
-            loop.create_connection(_UpgradeAnswer, "127.0.0.1", port), CONNECT_TIMEOUT_S
-        )
-    except (OSError, TimeoutError) as err:
+        answer, way = await pool.open(target, _UpgradeAnswer)
+    except RelaysExhausted:
+        raise
+    except UpstreamError as err:
         raise UpgradeRefused(str(err)) from err
+    try:
+        return await _exchange(answer, head)
+    except UpgradeRefused as err:
+        # The default route's published port led nowhere: through the agent, as for HTTP (upstream.py).
+        if not pool.may_retry(target, way, err.__cause__ or err):
+            raise
+    assert isinstance(target, DevServer)
+    try:
+        answer = await open_connection(target.relayed, _UpgradeAnswer)
+    except RelaysExhausted:
+        raise
+    except UpstreamError as err:
+        raise UpgradeRefused(str(err)) from err
+    pool.reached_via_agent(target)
+    return await _exchange(answer, head)
+
+
+async def _exchange(answer: _UpgradeAnswer, head: bytes) -> UpgradeAnswer:
+    transport = answer.transport
+    assert transport is not None
     try:
         transport.write(head)
         status, headers = await asyncio.wait_for(answer.head, UPGRADE_ANSWER_S)

@@ -1,5 +1,11 @@
 """A lean HTTP/1.1 client for the preview proxy: pooled keep-alive connections to the sandboxes'
-published ports, bytes in and out with httptools parsing the responses.
+published ports and, through each sandbox's agent, to any port inside it; bytes in and out with
+httptools parsing the responses.
+
+Where a request goes is its target: a port published on 127.0.0.1 (an int: the default route's 5173),
+`Relayed` (a port of the sandbox, through its agent's "connect"), or `DevServer`, the default route:
+the published 5173 first and, when that leads nowhere while the agent reaches 127.0.0.1:5173 inside
+(Vite without --host), the agent. Relayed connections are pooled and kept alive like the others.
 
 aiohttp's client spends more per request than the whole rest of the proxy (py-spy), for features a
 proxy to a known loopback port does not use: cookies, redirects, tracing, URL building, decompression.
@@ -11,9 +17,14 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import cast
+from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import httptools
+
+from . import agent
+from .agent import AgentAddress
+from .errors import AgentFailed, AgentUnavailable
 
 # Node's http server closes idle keep-alive connections after 5 s; ours are dropped before that, so a
 # request never lands on a connection the server is closing.
@@ -27,10 +38,43 @@ MAX_IDLE_PER_PORT = 128
 CONNECT_TIMEOUT_S = 10.0
 # How long a dev server may take to start answering a request (the head), once the request is sent.
 RESPONSE_TIMEOUT_S = 30.0
+# How long a default route whose published port led nowhere goes through the agent before the
+# published port is tried again (a dev server restarted with --host is then fast again).
+VIA_AGENT_S = 30.0
+MAX_REMEMBERED = 10_000  # such ports, at most (then forgotten all at once, and found again)
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """A port inside a sandbox, reached through its agent."""
+
+    agent: AgentAddress
+    port: int
+    max_relays: int
+
+
+@dataclass(frozen=True, slots=True)
+class DevServer:
+    """The default route: 5173 as published, else through the agent (`relayed`)."""
+
+    published: int
+    relayed: Relayed
+
+
+Target = int | Relayed | DevServer
+P = TypeVar("P", bound=asyncio.Protocol)
 
 
 class UpstreamError(Exception):
     """The upstream refused, dropped or garbled the exchange before a response head arrived."""
+
+
+class RelaysExhausted(UpstreamError):
+    """The sandbox's agent has as many relays open as it may (max_relays): a 429, not a 502."""
+
+    def __init__(self, refusal: AgentFailed) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 class UpstreamTimeout(UpstreamError):
@@ -64,9 +108,9 @@ class Response:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool, port: int) -> None:
+    def __init__(self, pool: UpstreamPool, target: Target) -> None:
         self._pool = pool
-        self.port = port
+        self.target = target
         # Kept: get_running_loop() makes a getpid() system call, and send runs on every request.
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -298,39 +342,108 @@ class _Connection(asyncio.Protocol):
 UpstreamConnection = _Connection
 
 
+async def open_connection(target: int | Relayed, protocol: Callable[[], P]) -> P:
+    """A new connection to `target` with the protocol `protocol` makes; UpstreamError (or its
+    UpstreamTimeout, RelaysExhausted) if there is none. Both transports' HTTP and WebSocket alike."""
+    if isinstance(target, Relayed):
+        try:
+            _, taker = await agent.relay(target.agent, target.port, target.max_relays, protocol)
+        except AgentFailed as err:
+            if err.code == "too_many":
+                raise RelaysExhausted(err) from err
+            raise UpstreamError(err.message) from err
+        except AgentUnavailable as err:
+            raise UpstreamError(err.message) from err
+        return cast(P, taker)
+    loop = asyncio.get_running_loop()
+    try:
+        _, made = await asyncio.wait_for(
+            loop.create_connection(protocol, "127.0.0.1", target), CONNECT_TIMEOUT_S
+        )
+    except TimeoutError as err:
+        raise UpstreamTimeout(f"cannot connect to 127.0.0.1:{target} within {CONNECT_TIMEOUT_S:g} s") from err
+    except OSError as err:
+        raise UpstreamError(f"cannot connect to 127.0.0.1:{target}: {err}") from err
+    return made
+
+
 class UpstreamPool:
-    """Idle keep-alive connections per port of 127.0.0.1."""
+    """Idle keep-alive connections per target, and which default routes go through the agent."""
 
     def __init__(self, response_timeout_s: float = RESPONSE_TIMEOUT_S) -> None:
-        self._idle: dict[int, list[_Connection]] = collections.defaultdict(list)
+        self._idle: dict[Target, list[_Connection]] = collections.defaultdict(list)
         self.response_timeout_s = response_timeout_s
+        # Published ports that led nowhere while the agent reached the dev server: since when.
+        self._via_agent: dict[int, float] = {}
 
-    async def _connection(self, port: int) -> _Connection:
-        connection = self.idle_connection(port)
-        if connection is not None:
-            return connection
-        loop = asyncio.get_running_loop()
+    def way(self, target: Target) -> int | Relayed:
+        """Where a new connection to `target` goes now."""
+        if not isinstance(target, DevServer):
+            return target
+        since = self._via_agent.get(target.published)
+        if since is not None and time.monotonic() - since < VIA_AGENT_S:
+            return target.relayed
+        return target.published
+
+    def may_retry(self, target: Target, way: int | Relayed | None, err: BaseException) -> bool:
+        """Whether a default route's request that failed on the published port should go through the
+        agent instead: a dev server listening on the sandbox's loopback only (Vite without --host),
+        which Docker's proxy cannot reach, so it accepts and closes. Not after a timeout: something
+        was there, and is slow."""
+        return (
+            isinstance(target, DevServer)
+            and way == target.published
+            and not isinstance(err, UpstreamTimeout | TimeoutError)
+        )
+
+    def reached_via_agent(self, target: Target) -> None:
+        if isinstance(target, DevServer):
+            if len(self._via_agent) >= MAX_REMEMBERED:
+                self._via_agent.clear()
+            self._via_agent[target.published] = time.monotonic()
+
+    async def open(self, target: Target, protocol: Callable[[], P]) -> tuple[P, int | Relayed]:
+        """A new connection to `target`, and the way it went: through the agent for a default route
+        whose published port leads nowhere (refused, or no dev server on the sandbox's address)."""
+        way = self.way(target)
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, port), "127.0.0.1", port), CONNECT_TIMEOUT_S
-            )
-        except TimeoutError as err:
-            raise UpstreamTimeout(
-                f"cannot connect to 127.0.0.1:{port} within {CONNECT_TIMEOUT_S:g} s"
-            ) from err
-        except OSError as err:
-            raise UpstreamError(f"cannot connect to 127.0.0.1:{port}: {err}") from err
-        return protocol
+            return await open_connection(way, protocol), way
+        except UpstreamError as err:
+            if not self.may_retry(target, way, err):
+                raise
+        assert isinstance(target, DevServer)
+        made = await open_connection(target.relayed, protocol)
+        self.reached_via_agent(target)
+        return made, target.relayed
 
     async def request(
-        self, port: int, head: bytes, body: AsyncIterable[bytes] | None, *, chunked: bool, method: str
+        self, target: Target, head: bytes, body: AsyncIterable[bytes] | None, *, chunked: bool, method: str
     ) -> Response:
-        connection = await self._connection(port)
-        return await connection.exchange(head, body, chunked, method)
+        connection = self.idle_connection(target)
+        way: int | Relayed | None = None  # a pooled connection went its way long ago
+        if connection is None:
+            connection, way = await self.open(target, lambda: _Connection(self, target))
+        try:
+            return await connection.exchange(head, body, chunked, method)
+        except UpstreamError as err:
+            # Docker's proxy accepts a connection to a published port, and only then finds nothing
+            # behind it: a request without a body goes again through the agent. One with a body is
+            # gone (its body was read), but from now on the route goes through the agent at once.
+            if way is None or not self.may_retry(target, way, err):
+                raise
+            assert isinstance(target, DevServer)
+            retried = await open_connection(target.relayed, lambda: _Connection(self, target))
+            self.reached_via_agent(target)
+            if body is not None:
+                retried.close()
+                raise
+        return await retried.exchange(head, None, chunked, method)
 
-    def idle_connection(self, port: int) -> _Connection | None:
-        """A pooled connection to `port` that is ready now, without waiting to connect."""
-        idle = self._idle[port]
+    def idle_connection(self, target: Target) -> _Connection | None:
+        """A pooled connection to `target` that is ready now, without waiting to connect."""
+        idle = self._idle.get(target)
+        if not idle:
+            return None
         now = time.monotonic()
         while idle:
             connection = idle.pop()
@@ -340,7 +453,7 @@ class UpstreamPool:
         return None
 
     def release(self, connection: _Connection) -> None:
-        idle = self._idle[connection.port]
+        idle = self._idle[connection.target]
         if len(idle) < MAX_IDLE_PER_PORT:
             idle.append(connection)
         else:

@@ -24,7 +24,7 @@ function showSignedIn(token) {
   $("sign-in").hidden = Boolean(user);
   $("account").hidden = !user;
   $("user").textContent = user ?? "";
-  for (const id of ["run", "connect", "preview-reload", "create-project", "share"]) $(id).disabled = !user;
+  for (const id of ["run", "connect", "preview-reload", "preview-port", "create-project", "share"]) $(id).disabled = !user;
 }
 
 function showSandbox(next) {
@@ -125,25 +125,61 @@ $("run").addEventListener("click", async () => {
 
 // Browsers send no Authorization header from an iframe: a one-minute login link on the sandbox's own
 // preview origin trades for an HttpOnly cookie of that origin, then redirects to the preview itself.
+// Another port of the sandbox has an origin (and a cookie) of its own: its login link comes with {port}.
+let previewPort = null; // null: 5173, at the sandbox's own origin
+
+async function previewSession() {
+  const session = await call("POST", "/api/sandbox/preview-session", previewPort ? { port: previewPort } : undefined);
+  return previewPort
+    ? { login: session.port_login_url, url: session.port_url }
+    : { login: session.login_url, url: session.preview_url };
+}
+
 async function showPreview() {
   try {
-    const session = await call("POST", "/api/sandbox/preview-session");
-    $("preview").src = session.login_url;
-    $("preview-link").href = session.preview_url;
+    const session = await previewSession();
+    $("preview").src = session.login;
+    $("preview-link").href = session.url;
   } catch (error) {
     notify(describe(error));
   }
+  showPorts();
+}
+
+// The ports that listen in the sandbox, offered in the preview pane; 5173 is always there.
+async function showPorts() {
+  let ports = [];
+  try {
+    ({ ports } = await call("GET", "/api/sandbox/ports"));
+  } catch {
+    return; // no running sandbox: the list stays as it was
+  }
+  const options = [new Option("5173", "")];
+  for (const { port, process } of ports) {
+    if (port === 5173) continue;
+    const command = process?.command ? ` ${process.command.split(" ")[0].split("/").pop()}` : "";
+    options.push(new Option(`${port}${command}`, String(port)));
+  }
+  const chosen = previewPort === null ? "" : String(previewPort);
+  if (!options.some((option) => option.value === chosen)) options.push(new Option(`${chosen} (closed)`, chosen));
+  $("preview-port").replaceChildren(...options);
+  $("preview-port").value = chosen;
 }
 
 $("preview-reload").addEventListener("click", showPreview);
+$("preview-port").addEventListener("focus", showPorts);
+$("preview-port").addEventListener("change", () => {
+  previewPort = $("preview-port").value ? Number($("preview-port").value) : null;
+  showPreview();
+});
 
 // A new tab has no cookie of the preview origin until it logs in too: open it through a fresh link.
 $("preview-link").addEventListener("click", async (event) => {
   event.preventDefault();
   const tab = window.open("about:blank", "_blank");
   try {
-    const session = await call("POST", "/api/sandbox/preview-session");
-    if (tab) tab.location.href = session.login_url;
+    const session = await previewSession();
+    if (tab) tab.location.href = session.login;
   } catch (error) {
     tab?.close();
     notify(describe(error));

@@ -14,12 +14,14 @@ import os  # noqa: E402
 import signal  # noqa: E402
 from functools import partial  # noqa: E402
 
-from . import processes, runs, server  # noqa: E402
+from . import ports, processes, relay, runs, server  # noqa: E402
 
 # The sandbox's processes: the agent's one piece of state, which lives as long as it does.
 PROCESSES = processes.Registry()
 OPERATIONS: dict[str, server.Handler] = {
     "run": runs.run,
+    "connect": relay.connect,
+    "ports": ports.ports,
     "ping": lambda connection, _: connection.send_json({"ok": True}),
     "process.start": partial(processes.start, PROCESSES),
     "process.list": partial(processes.list_processes, PROCESSES),
