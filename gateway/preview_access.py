@@ -250,7 +250,8 @@ class PreviewGate:
             if session.subject == owner:
                 return self._same_origin(route, request, OWNER)
             someone_else = True
-        if route.label is not None:
+        # Share links open the default route only (preview_auth.open_share).
+        if route.label is not None and route.port is None:
             for value in cookie_values(cookies, SHARE_COOKIE):
                 claims = self._sessions.share(value)
                 if claims is None or claims.host != route.host_label:

@@ -110,11 +110,12 @@ async def open_share(request: web.Request) -> web.StreamResponse:
     route = await _root_route(request)
     gate = request.app[PREVIEW_GATE]
     share = await gate.shares.by_secret(request.query.get("key", ""))
-    if share is None or share.user != route.user or not is_live(share):
+    if share is None or share.user != route.user or not is_live(share) or route.port is not None:
+        # Not on a port's origin: a share link shares the preview, not whatever else the sandbox
+        # serves (a database console, a notebook bound to its loopback), which stays its owner's.
         raise PreviewNotFound("this share link is not valid: it may have expired or been revoked")
     assert route.host_label is not None
     lifetime = int(share.expires_at.timestamp() - time.time())
-    # A share opens every port of the sandbox it shares, each origin with its own cookie.
     cookie = sign_share(
         share.id, route.host_label, share.expires_at.timestamp(), request.app[PREVIEW_SESSIONS].key
     )

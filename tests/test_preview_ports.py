@@ -214,18 +214,17 @@ async def test_port_origins_keep_the_default_routes_isolation(
     )
     assert wrong.status == 401
 
-    # A share link of the sandbox opens its ports too, each origin with its own cookie.
+    # A share link shares the preview, not the sandbox's other ports.
     share = await new_share(client)
     async with aiohttp.ClientSession(base_url=client.make_url("")) as stranger:
         port_link = f"http://{ports.host(8001)}{URL(share['url']).raw_path_qs}"
         opened = await open_link(stranger, port_link)
-        assert opened.status == 303
-        viewer = {
-            "Host": ports.host(8001),
-            "Cookie": f"sandbox_share={opened.cookies['sandbox_share'].value}",
-        }
-        assert (await stranger.get("/echo", headers=viewer)).status == 200
-        assert (await stranger.get("/echo", headers={**viewer, "Host": root_host})).status == 401
+        assert opened.status == 404
+        assert "sandbox_share" not in opened.cookies
+        shared = await open_link(stranger, share["url"])
+        assert shared.status == 303
+        cookie = {"Cookie": f"sandbox_share={shared.cookies['sandbox_share'].value}"}
+        assert (await stranger.get("/echo", headers={**cookie, "Host": ports.host(8001)})).status == 401
 
 
 async def test_the_ports_list_says_what_listens_and_where_it_is_served(
