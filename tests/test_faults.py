@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient
 
 from gateway import containers, db
 from gateway.disks import Disks
+from gateway.docker_runtime import attach_disk
 from gateway.keys import DB, SANDBOXES, TERMINAL_LEASES
-from gateway.sandboxes import attach_disk
 from gateway.settings import Settings
 
 from .conftest import PostgresCluster

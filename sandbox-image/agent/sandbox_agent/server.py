@@ -9,6 +9,7 @@ the only way in (inter-container traffic is off), and the first frame must carry
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -48,8 +49,9 @@ class Connection:
 
 
 class AgentServer:
-    def __init__(self, secret: str, operations: dict[str, Handler]) -> None:
-        self._secret = secret.encode()
+    def __init__(self, secret_digest: str, operations: dict[str, Handler]) -> None:
+        # Only the digest is known here: what a connection shows is hashed and compared with it.
+        self._digest = secret_digest.lower().encode()
         self._operations = operations
         self._unauthenticated = 0
         self._servers: list[asyncio.Server] = []
@@ -96,7 +98,8 @@ class AgentServer:
             raise ProtocolError("the first frame must be the request")
         request = protocol.parse_json(first[1])
         secret = request.pop("secret", None)
-        if not isinstance(secret, str) or not hmac.compare_digest(secret.encode(), self._secret):
+        shown = digest_of(secret.encode()).encode() if isinstance(secret, str) else b""
+        if not hmac.compare_digest(shown, self._digest):
             raise ProtocolError("refused: no valid secret")
         return request
 
@@ -111,6 +114,10 @@ class AgentServer:
             await handler(connection, request)
         except OpError as err:
             await connection.send_json(protocol.error_message(err.code, err.message))
+
+
+def digest_of(secret: bytes) -> str:
+    return hashlib.sha256(secret).hexdigest()
 
 
 def _from_inside(writer: asyncio.StreamWriter) -> bool:
