@@ -301,6 +301,9 @@ class Sandboxes:
         """Where the agent of the user's running sandbox answers, with its secret, for runs, processes,
         terminals and ports; counts as activity."""
         session = await self._running_session(user)
+        if self.is_paused(user):
+            # Its agent is frozen with it: a connection would wait for its whole timeout.
+            raise SandboxPaused()
         if session.container_id is None or session.agent_port is None or session.agent_secret is None:
             # Started by a gateway from before the agent: its container has none.
             raise SandboxNotRunning("your sandbox was started before this gateway's agent; restart it")

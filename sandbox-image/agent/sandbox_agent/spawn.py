@@ -107,7 +107,9 @@ async def spawn(
 def _children_oom_first(loop: asyncio.AbstractEventLoop) -> None:
     """Raises the agent's own score for the fork the caller is about to make, and lowers it back at
     the loop's next turn: the child inherits it at fork, which happens inside subprocess_exec before
-    its first suspension. (The child cannot do it itself: after setuid its /proc/self is root's until
+    its first suspension. For that moment the agent is as likely a victim as the user's programs,
+    and then the larger loses, which is theirs but for a program smaller than the agent. (The child
+    cannot do it itself: after setuid its /proc/self is root's until
     the exec, and the agent cannot write a uid-1000 process's file without CAP_DAC_OVERRIDE.)"""
     try:
         with open(OOM_SCORE_ADJ, "w") as adj:
