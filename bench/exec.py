@@ -27,8 +27,8 @@ import asyncpg
 
 from gateway import db
 from gateway.agent import AgentAddress
+from gateway.docker_runtime import PUBLISHED_HOST
 from gateway.execute import ExecRequest, ExecRunner
-from gateway.sandboxes import AGENT_HOST
 
 from .common import Gateway, report, running_gateway
 
@@ -78,7 +78,7 @@ async def agent_address(gateway: Gateway, user: str) -> AgentAddress:
     assert session is not None
     assert session.agent_port is not None
     assert session.agent_secret is not None
-    return AgentAddress(AGENT_HOST, session.agent_port, session.agent_secret)
+    return AgentAddress(PUBLISHED_HOST, session.agent_port, session.agent_secret)
 
 
 async def through_agent(runner: ExecRunner, address: AgentAddress, case: str) -> float:

@@ -20,7 +20,7 @@ import aiohttp
 
 from gateway.containers import container_config
 from gateway.disks import Disks
-from gateway.sandboxes import attach_disk
+from gateway.docker_runtime import attach_disk
 
 from .common import Gateway, report, running_gateway
 

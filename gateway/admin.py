@@ -9,7 +9,7 @@ from aiohttp import web
 from . import db
 from .auth import require_admin
 from .errors import InvalidRequest, SandboxNotFound
-from .keys import DB, PREVIEW_GATE, SANDBOXES, SETTINGS
+from .keys import PREVIEW_GATE, SANDBOXES, SETTINGS
 from .schemas import parse_purge, session_json
 from .tokens import USER_PATTERN
 
@@ -29,20 +29,19 @@ async def list_sandboxes(request: web.Request) -> web.Response:
     # A user name, as `next` gives: anything else (a NUL, which PostgreSQL refuses in text) is a 400.
     if after and not USER_PATTERN.fullmatch(after):
         raise InvalidRequest("after: not a user name; pass the `next` of the previous page")
-    async with db.connection(request.app[DB]) as conn:
-        sessions = await db.list_sessions(conn, state=state, after=after, limit=limit)
+    sessions, next_after = await request.app[SANDBOXES].page(state=state, after=after, limit=limit)
     items = [await _admin_json(request, session) for session in sessions]
-    next_after = sessions[-1].user if len(sessions) == limit else None
     return web.json_response({"sandboxes": items, "next": next_after})
 
 
 async def get_any_sandbox(request: web.Request) -> web.Response:
     require_admin(request)
     user = _user(request)
-    async with db.connection(request.app[DB]) as conn:
-        session = await db.get_session(conn, user)
-    if session is None:
-        raise SandboxNotFound(f"{user} has no sandbox")
+    try:
+        # As its owner sees it: a container that died from outside shows stopped, with why.
+        session = await request.app[SANDBOXES].get(user)
+    except SandboxNotFound:
+        raise SandboxNotFound(f"{user} has no sandbox") from None
     return web.json_response(await _admin_json(request, session))
 
 

@@ -13,6 +13,7 @@ from . import db, engine
 from .activity import ActivityRecorder
 from .auth import auth_middleware
 from .container_events import ContainerEvents
+from .docker_runtime import DockerRuntime
 from .egress import EgressGuard, install_at_start
 from .errors import GatewayError
 from .execute import ExecRunner
@@ -143,7 +144,9 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EGRESS] = EgressGuard(settings.egress, settings.sandbox_network)
     # Before anything can start a sandbox; a failure is logged, and every start refused, not fatal.
     await install_at_start(app[EGRESS])
-    app[SANDBOXES] = Sandboxes(settings, app[DB], app[DOCKER], app[EGRESS])
+    # The one place that picks the engine (sandbox_runtime.py): everything else goes through Sandboxes.
+    sandbox_engine = DockerRuntime(settings, app[DOCKER], app[DOCKER_STREAMS])
+    app[SANDBOXES] = Sandboxes(settings, app[DB], sandbox_engine, app[EGRESS])
     app[EXEC_RUNNER] = ExecRunner(settings.exec)
     app[PROCESS_STREAMS] = StreamSlots(settings.processes.max_streams_per_user)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
@@ -172,7 +175,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     except GatewayError as err:
         # The gateway serves what it can without Docker; the next start reconciles that user anyway.
         log.warning("could not reconcile sessions with Docker at start: %s", err.message)
-    events = ContainerEvents(app[DOCKER_STREAMS], settings, app[SANDBOXES])
+    events = ContainerEvents(sandbox_engine, app[SANDBOXES])
     tasks = [
         asyncio.create_task(app[TERMINAL_LEASES].renew_forever(), name="terminal-lease-renewal"),
         asyncio.create_task(events.watch_forever(), name="container-events"),

@@ -7,6 +7,7 @@ engine is unavailable.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -14,7 +15,6 @@ import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiodocker
@@ -30,6 +30,11 @@ from .errors import (
     SandboxPaused,
     SandboxStartFailed,
 )
+
+# RUNNING and PAUSED are also this module's names for them (terminal.py reads them here).
+from .sandbox_runtime import PAUSED as PAUSED
+from .sandbox_runtime import RUNNING as RUNNING
+from .sandbox_runtime import ListedSandbox, StartedSandbox
 from .settings import DiskSettings, Settings
 
 if TYPE_CHECKING:
@@ -43,7 +48,7 @@ PREVIEW_PORT = "5173/tcp"
 # The agent's port (sandbox-image/agent): the only other one published, and on 127.0.0.1 only.
 AGENT_PORT = "49983/tcp"
 AGENT_COMMAND = ["/usr/local/bin/sandbox-agent"]
-AGENT_SECRET_ENV = "SANDBOX_AGENT_SECRET"  # noqa: S105 (the name of the variable)
+AGENT_SECRET_DIGEST_ENV = "SANDBOX_AGENT_SECRET_SHA256"  # noqa: S105 (a variable's name)
 # The agent's, as root: starting the user's programs as `sandbox` with a tag group (SETUID, SETGID),
 # ending them (KILL), and giving a terminal to its shell's user (CHOWN). Nothing the user runs has any:
 # no-new-privileges, and they run as uid 1000.
@@ -55,16 +60,6 @@ HOME_IN_SANDBOX = "/home/sandbox"
 LOG_CONFIG = {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}}
 # aiodocker reports a failed connection to the engine as status 900.
 DOCKER_TRANSPORT_ERROR = 900
-RUNNING, PAUSED = "running", "paused"
-
-
-@dataclass(frozen=True)
-class StartedContainer:
-    id: str
-    host_port: int
-    agent_port: int
-    # As the container was created with it: what a start interrupted before its record left only there.
-    agent_secret: str | None = field(repr=False)
 
 
 def container_name(settings: Settings, user: str) -> str:
@@ -77,6 +72,10 @@ def workspace_volume(settings: Settings, user: str) -> str:
 
 def labels(settings: Settings, user: str) -> dict[str, str]:
     return {LABEL_USER: user, LABEL_GATEWAY: settings.gateway_name}
+
+
+def agent_secret_digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def container_config(
@@ -102,12 +101,14 @@ def container_config(
         "WorkingDir": "/workspace",
         "Hostname": "sandbox",
         # Every terminal and run inherits the first two: a dev server started with --base
-        # "$PREVIEW_BASE" serves correctly behind /preview/<user>/. The agent takes its secret out of
-        # its environment before it starts anything, and PID 1's (root's) cannot be read by the user.
+        # "$PREVIEW_BASE" serves correctly behind /preview/<user>/. The agent gets only the secret's
+        # digest: PID 1's environment is root's and unreadable to uid 1000 under runc, but gVisor
+        # shows any process's environment to every user in the sandbox, and a digest of 32 random
+        # bytes tells nothing that would pass the agent's check (which hashes what it is shown).
         "Env": [
             f"SANDBOX_USER={user}",
             f"PREVIEW_BASE=/preview/{user}/",
-            f"{AGENT_SECRET_ENV}={agent_secret}",
+            f"{AGENT_SECRET_DIGEST_ENV}={agent_secret_digest(agent_secret)}",
         ],
         "Labels": labels(settings, user) | (placement.labels if placement else {}),
         "ExposedPorts": {PREVIEW_PORT: {}, AGENT_PORT: {}},
@@ -228,7 +229,7 @@ async def create_and_start(
     placement: Placement | None = None,
     *,
     agent_secret: str | None = None,
-) -> StartedContainer:
+) -> StartedSandbox:
     """Creates and starts the user's container; on any failure, removes what it made."""
     config = container_config(settings, user, placement, agent_secret=agent_secret)
     name = container_name(settings, user)
@@ -271,9 +272,7 @@ async def _create_replacing_leftover(
     return await docker.containers.create(config, name=name)
 
 
-async def running_container(
-    docker: aiodocker.Docker, settings: Settings, user: str
-) -> StartedContainer | None:
+async def running_container(docker: aiodocker.Docker, settings: Settings, user: str) -> StartedSandbox | None:
     """The user's container by its name, if it runs: what a start that died half-way may have left."""
     info = await _inspect(docker, container_name(settings, user))
     if info is None or _status_of(info["State"]) != RUNNING:
@@ -281,10 +280,8 @@ async def running_container(
     return _started(info)
 
 
-def _started(info: dict[str, Any]) -> StartedContainer:
-    env = dict(item.partition("=")[::2] for item in info["Config"].get("Env") or [])
-    return StartedContainer(
-        agent_secret=env.get(AGENT_SECRET_ENV),
+def _started(info: dict[str, Any]) -> StartedSandbox:
+    return StartedSandbox(
         id=info["Id"],
         host_port=_published_port(info, PREVIEW_PORT),
         agent_port=_published_port(info, AGENT_PORT),
@@ -299,22 +296,7 @@ def _published_port(info: dict[str, Any], port: str) -> int:
     raise SandboxStartFailed(f"the sandbox container published no port for {port}")
 
 
-@dataclass(frozen=True)
-class LabelledContainer:
-    id: str
-    state: str  # Docker's: running, paused, exited, created, ...
-
-    @property
-    def running(self) -> bool:
-        """Alive: a paused container is frozen, not gone."""
-        return self.state in (RUNNING, PAUSED)
-
-    @property
-    def paused(self) -> bool:
-        return self.state == PAUSED
-
-
-async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, LabelledContainer]:
+async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, ListedSandbox]:
     """This deployment's sandbox containers, running or not, by user."""
     filters = json.dumps({"label": [f"{LABEL_GATEWAY}={settings.gateway_name}", LABEL_USER]})
     with docker_errors("listing sandbox containers"):
@@ -322,7 +304,7 @@ async def labelled(docker: aiodocker.Docker, settings: Settings) -> dict[str, La
     found = {}
     for container in listed:
         info = container._container  # the list entry aiodocker keeps; no extra request
-        found[info["Labels"][LABEL_USER]] = LabelledContainer(id=info["Id"], state=info["State"])
+        found[info["Labels"][LABEL_USER]] = ListedSandbox(id=info["Id"], state=info["State"])
     return found
 
 

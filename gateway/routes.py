@@ -10,13 +10,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import containers, db, ratelimit
+from . import db, ratelimit
 from .admin import get_any_sandbox, list_sandboxes, stop_any_sandbox
 from .errors import GatewayError, ServiceUnavailable
 from .execute import ExecResult
 from .keys import (
     DB,
-    DOCKER,
     EGRESS,
     EXEC_RUNNER,
     METRICS,
@@ -115,7 +114,7 @@ async def healthz(request: web.Request) -> web.Response:
     """Liveness, plus whether Docker and PostgreSQL answer and the egress rules hold; 503 when one
     does not (no sandbox could start)."""
     docker_ok, database_ok, egress_ok = await asyncio.gather(
-        _answers(containers.ping(request.app[DOCKER])),
+        _answers(request.app[SANDBOXES].engine_answers()),
         _answers(_ping_database(request)),
         request.app[EGRESS].holds_recently(),
     )

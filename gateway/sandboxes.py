@@ -1,23 +1,19 @@
-"""The lifecycle of a user's sandbox: start, look up, stop. PostgreSQL rows and Docker agree here."""
+"""The lifecycle of a user's sandbox: start, look up, stop. PostgreSQL rows and the engine agree here;
+the engine is a SandboxRuntime (sandbox_runtime.py), Docker's in docker_runtime.py."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
-import tarfile
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-import aiodocker
 import asyncpg
 
-from . import agent, containers, db
+from . import agent, db
 from .agent import AgentAddress
 from .db import Session
-from .disks import Disks
 from .egress import EgressGuard
 from .errors import (
     AgentUnavailable,
@@ -27,14 +23,13 @@ from .errors import (
     SandboxPaused,
     SandboxStartFailed,
 )
-from .runtime import Engine, SandboxHost
+from .runtime import Engine
+from .sandbox_runtime import PAUSED, RUNNING, ListedSandbox, SandboxRuntime, StartedSandbox
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 PORT_CACHE_S = 1.0
-# Docker publishes the sandboxes' ports on this host's loopback only (containers.py).
-AGENT_HOST = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,35 +44,18 @@ class StartResult:
     created: bool
 
 
-async def attach_disk(disks: Disks, docker: aiodocker.Docker, settings: Settings, user: str) -> None:
-    """Mounts the user's filesystem (disks.py) as a start does, asking the engine for the image's
-    home folder and an old workspace volume when the filesystem is new."""
-
-    def image_home() -> Awaitable[tarfile.TarFile]:
-        return containers.image_home(docker, settings)
-
-    def old_workspace() -> Awaitable[str | None]:
-        return containers.old_workspace_folder(docker, settings, user)
-
-    await disks.attach(user, image_home, old_workspace)
-
-
 class Sandboxes:
     def __init__(
         self,
         settings: Settings,
         pool: asyncpg.Pool,
-        docker: aiodocker.Docker,
+        engine: SandboxRuntime,
         egress: EgressGuard | None = None,
     ) -> None:
         self._settings = settings
         self._pool = pool
-        self._docker = docker
-        self._disks = Disks(settings)
-        # Learnt at the first start: the floor on free disk applies to the engine's data root too.
-        self._docker_root: str | None = None
+        self._engine = engine
         self._egress = egress or EgressGuard(settings.egress, settings.sandbox_network)
-        self._host = SandboxHost(settings, docker)
         # Only spares a request to the engine: a lost network makes creation fail, and the flag drop.
         self._network_ready = False
         # user -> (published port, when looked up): spares the preview proxy a query per request.
@@ -96,35 +74,33 @@ class Sandboxes:
         async with db.connection(self._pool) as conn, db.user_lock(conn, user):
             session = await db.get_session(conn, user)
             if session and session.state == "running" and session.container_id:
-                now = await containers.status(self._docker, session.container_id)
-                if now == containers.RUNNING:
+                now = await self._engine.status(session.container_id)
+                if now == RUNNING:
                     return StartResult(session, created=False)
-                if now == containers.PAUSED:
+                if now == PAUSED:
                     # Paused from outside, on purpose or not: not ours to undo, nor to replace.
                     raise SandboxPaused()
                 log.info("sandbox of %s is recorded as running but its container is not; restarting", user)
-                await containers.remove_container(self._docker, session.container_id)
-            await self._check_free_space()
+                await self._engine.remove(user, session.container_id)
+            await self._engine.check_free_space()
             # Read from the kernel at every start: rules flushed since (a firewall reload) stop starts.
             await self._egress.require()
             # Before the slot: a host that cannot take the sandbox refuses without touching the row.
-            placement = await self._host.placement()
+            await self._engine.check_host()
             agent_secret = secrets.token_urlsafe(32)
             await db.reserve_slot(conn, user, self._settings.max_sandboxes, agent_secret)
             try:
                 if not self._network_ready:
                     async with db.advisory_lock(conn, db.NETWORK_LOCK):
-                        await containers.ensure_network(self._docker, self._settings)
+                        await self._engine.prepare_network()
                     self._network_ready = True
-                await self._attach_disk(user)
-                started = await containers.create_and_start(
-                    self._docker, self._settings, user, placement, agent_secret=agent_secret
-                )
-                await self._wait_for_agent(started, agent_secret)
+                await self._engine.attach_workspace(user)
+                started = await self._engine.create_and_start(user, agent_secret)
+                await self._wait_for_agent(user, started, agent_secret)
             except BaseException:
                 self._network_ready = False
-                # create_and_start removed what it made, so nothing holds the filesystem.
-                await self._disks.detach(user)
+                # create_and_start removed what it made, so nothing holds the workspace.
+                await self._engine.detach_workspace(user)
                 await db.mark_stopped(conn, user, "start_failed")
                 raise
             session = await db.mark_running(
@@ -133,25 +109,21 @@ class Sandboxes:
             log.info("started sandbox of %s (container %.12s)", user, started.id)
             return StartResult(session, created=True)
 
-    async def _wait_for_agent(self, started: containers.StartedContainer, secret: str) -> None:
+    async def _wait_for_agent(self, user: str, started: StartedSandbox, secret: str) -> None:
         """A sandbox is running once its agent answers; one whose agent never does is removed."""
         try:
-            await agent.wait_ready(AgentAddress(AGENT_HOST, started.agent_port, secret))
+            await agent.wait_ready(self._engine.agent_address(started.id, started.agent_port, secret))
         except AgentUnavailable as err:
-            await containers.remove_container(self._docker, started.id)
+            await self._engine.remove(user, started.id)
             raise SandboxStartFailed(f"the sandbox's agent did not start: {err.message}") from err
-
-    async def _check_free_space(self) -> None:
-        if self._docker_root is None and self._settings.disk.min_free_mb:
-            self._docker_root = await containers.docker_root_dir(self._docker)
-        await asyncio.to_thread(self._disks.check_free_space, self._docker_root)
-
-    async def _attach_disk(self, user: str) -> None:
-        await attach_disk(self._disks, self._docker, self._settings, user)
 
     async def check_host(self) -> Engine:
         """Whether the host has what sandboxes need (the runtime, lxcfs if required); raises if not."""
-        return await self._host.check()
+        return await self._engine.check_host()
+
+    async def engine_answers(self) -> None:
+        """Returns when the engine answers (healthz); raises DockerUnavailable when it does not."""
+        await self._engine.ping()
 
     async def get(self, user: str) -> Session:
         """The user's session; a container that died from outside (OOM, docker kill) is recorded as
@@ -162,21 +134,48 @@ class Sandboxes:
         if session is None:
             raise SandboxNotFound("you have no sandbox; start one with POST /api/sandbox")
         if session.state == "running" and session.container_id:
-            now = await containers.status(self._docker, session.container_id)
+            now = await self._engine.status(session.container_id)
             # What the engine says now, ahead of its event (container_events.py).
-            self.mark_paused(user, now == containers.PAUSED)
-            if now == containers.PAUSED:
-                return replace(session, state=containers.PAUSED)
-            if now != containers.RUNNING:
+            self.mark_paused(user, now == PAUSED)
+            if now == PAUSED:
+                return replace(session, state=PAUSED)
+            if now != RUNNING:
                 await self._record_death(user, session.container_id, now)
                 return await self.get(user)
         return session
+
+    async def page(self, *, state: str | None, after: str, limit: int) -> tuple[list[Session], str | None]:
+        """A page of every user's sessions in user order, as each owner's GET sees it (a container
+        that died from outside is recorded as stopped, a paused one shows `paused`), and the `after`
+        of the next page. With one listing of the engine for the page, not one inspection per row."""
+        async with db.connection(self._pool) as conn:
+            sessions = await db.list_sessions(conn, state=state, after=after, limit=limit)
+        next_after = sessions[-1].user if len(sessions) == limit else None
+        if any(session.state == "running" for session in sessions):
+            found = await self._engine.listed()
+            sessions = [await self._as_engine_sees(session, found) for session in sessions]
+        if state is not None:
+            # Death seen just now moves a row out of what was asked; paused is a kind of running.
+            sessions = [s for s in sessions if s.state == state or (state, s.state) == (RUNNING, PAUSED)]
+        return sessions, next_after
+
+    async def _as_engine_sees(self, session: Session, found: dict[str, ListedSandbox]) -> Session:
+        if session.state != RUNNING or not session.container_id:
+            return session
+        listed = found.get(session.user)
+        if listed is not None and listed.id == session.container_id and listed.running:
+            return replace(session, state=PAUSED) if listed.paused else session
+        # Gone or dead: one look as its owner's GET takes, which records why.
+        try:
+            return await self.get(session.user)
+        except SandboxNotFound:
+            return session
 
     async def has_stopped(self, user: str) -> bool:
         """Whether the user's sandbox is not running, as `get` finds it (recording a death from
         outside); False when that cannot be told (the engine or the database away)."""
         try:
-            return (await self.get(user)).state not in (containers.RUNNING, containers.PAUSED)
+            return (await self.get(user)).state not in (RUNNING, PAUSED)
         except SandboxNotFound:
             return True
         except GatewayError:
@@ -199,12 +198,7 @@ class Sandboxes:
             if running:
                 assert session is not None
                 await self._stop_locked(conn, user, session, reason)
-            purged = purge and any(
-                [
-                    await containers.remove_workspace(self._docker, self._settings, user),
-                    await self._disks.remove(user),
-                ]
-            )
+            purged = purge and await self._engine.remove_workspace(user)
             if not running and not purged:
                 raise SandboxNotFound("you have no running sandbox" + (" and no workspace" if purge else ""))
 
@@ -233,11 +227,10 @@ class Sandboxes:
             if session is None or session.state not in ("starting", "stopping"):
                 return None
             if session.state == "starting":
-                found = await containers.running_container(self._docker, self._settings, user)
+                found = await self._engine.running(user)
                 if found is not None:
-                    await db.mark_running(
-                        conn, user, found.id, found.host_port, found.agent_port, found.agent_secret
-                    )
+                    # The secret the start reserved: the container carries only its digest.
+                    await db.mark_running(conn, user, found.id, found.host_port, found.agent_port, None)
                     log.info("adopted the sandbox of %s, whose start was interrupted", user)
                     return "adopted"
             reason = "start_interrupted" if session.state == "starting" else session.stop_reason
@@ -259,15 +252,13 @@ class Sandboxes:
 
     async def _stop_locked(self, conn: db.Connection, user: str, session: Session, reason: str) -> None:
         await db.mark_stopping(conn, user, reason)
-        # A start that died half-way left no id, only the container's deterministic name.
-        target = session.container_id or containers.container_name(self._settings, user)
-        await containers.remove_container(self._docker, target)
+        await self._engine.remove(user, session.container_id)
         await db.mark_stopped(conn, user, reason)
         self._ports.pop(user, None)
         # After the record, still under the lock (no start can mount it meanwhile): the sandbox is
         # stopped once its container is gone, and an unmount that fails leaves a mount that the next
         # start reuses or a reconciliation removes, not a row stuck in `stopping`.
-        await self._disks.detach(user)
+        await self._engine.detach_workspace(user)
         log.info("stopped sandbox of %s (%s)", user, reason)
 
     async def reconcile(self) -> None:
@@ -283,7 +274,7 @@ class Sandboxes:
         await self.resolve_all_unfinished()
         async with db.connection(self._pool) as conn:
             active = {s.user: s for s in await db.active_sessions(conn)}
-        found = await containers.labelled(self._docker, self._settings)
+        found = await self._engine.listed()
         for user, session in active.items():
             container = found.get(user)
             if container is None or container.id != session.container_id or not container.running:
@@ -295,21 +286,21 @@ class Sandboxes:
                     current = await db.get_session(conn, user)
                     if current is None or current.container_id != container.id:
                         log.info("removing container %.12s of %s: no session owns it", container.id, user)
-                        await containers.remove_container(self._docker, container.id)
+                        await self._engine.remove(user, container.id)
                         if current is None or current.state == "stopped":
-                            await self._disks.detach(user)
+                            await self._engine.detach_workspace(user)
         await self._unmount_leftover_disks()
 
     async def _unmount_leftover_disks(self) -> None:
         """Unmounts the filesystems of users with no sandbox: left by a gateway that died between a
         container's removal and its unmount. Re-read under the user's lock, which a start holds
         from the mount to its record, so a start in progress is never undone."""
-        for user in await self._disks.mounted_users():
+        for user in await self._engine.attached_workspaces():
             async with db.connection(self._pool) as conn, db.user_lock(conn, user):
                 current = await db.get_session(conn, user)
                 if current is None or current.state == "stopped":
                     log.info("unmounting the filesystem of %s: no sandbox uses it", user)
-                    await self._disks.detach(user)
+                    await self._engine.detach_workspace(user)
 
     async def running_container(self, user: str) -> str:
         """The id of the user's running container, for exec and friends; counts as activity."""
@@ -320,14 +311,14 @@ class Sandboxes:
     async def agent(self, user: str) -> AgentAddress:
         """Where the agent of the user's running sandbox answers, with its secret, for runs, processes,
         terminals and ports; counts as activity."""
-        if self.is_paused(user):
-            # A paused sandbox's network still accepts: its agent would take the request and never answer.
-            raise SandboxPaused()
         session = await self._running_session(user)
-        if session.agent_port is None or session.agent_secret is None:
+        if self.is_paused(user):
+            # Its agent is frozen with it: a connection would wait for its whole timeout.
+            raise SandboxPaused()
+        if session.container_id is None or session.agent_port is None or session.agent_secret is None:
             # Started by a gateway from before the agent: its container has none.
             raise SandboxNotRunning("your sandbox was started before this gateway's agent; restart it")
-        return AgentAddress(AGENT_HOST, session.agent_port, session.agent_secret)
+        return self._engine.agent_address(session.container_id, session.agent_port, session.agent_secret)
 
     async def _running_session(self, user: str) -> Session:
         async with db.connection(self._pool) as conn:
@@ -382,8 +373,8 @@ class Sandboxes:
             self._ports.pop(user, None)
             raise SandboxNotRunning()
         agent = None
-        if session.agent_port is not None and session.agent_secret is not None:
-            agent = AgentAddress(AGENT_HOST, session.agent_port, session.agent_secret)
+        if session.container_id and session.agent_port is not None and session.agent_secret is not None:
+            agent = self._engine.agent_address(session.container_id, session.agent_port, session.agent_secret)
         target = PreviewTarget(session.host_port, agent)
         self._ports[user] = (target, now)
         return target

@@ -12,7 +12,7 @@ from gateway.containers import workspace_volume
 from gateway.disks import disk_paths
 from gateway.settings import Settings
 
-from .helpers import auth
+from .helpers import auth, poll, running_container_id
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -59,6 +59,29 @@ async def test_admin_pages_through_sandboxes_in_user_order(client: TestClient) -
             break
         after = page["next"]
     assert seen == ["alice", "bob", "carol"]
+
+
+async def test_admin_sees_a_dead_container_as_its_owner_does(
+    client: TestClient, docker: aiodocker.Docker
+) -> None:
+    await start(client, "alice", "bob")
+    await docker.containers.container(await running_container_id(client, "alice")).kill(signal="SIGKILL")
+
+    async def listed_stopped() -> bool:
+        page = await (await client.get("/api/admin/sandboxes", headers=ADMIN)).json()
+        states = {item["user"]: (item["state"], item["stop_reason"]) for item in page["sandboxes"]}
+        return states == {"alice": ("stopped", "exited_137"), "bob": ("running", None)}
+
+    await poll(listed_stopped)
+    one = await (await client.get("/api/admin/sandboxes/alice", headers=ADMIN)).json()
+    mine = await (await client.get("/api/sandbox", headers=auth("alice"))).json()
+    assert (
+        (one["state"], one["stop_reason"])
+        == (mine["state"], mine["stop_reason"])
+        == ("stopped", "exited_137")
+    )
+    running = await (await client.get("/api/admin/sandboxes?state=running", headers=ADMIN)).json()
+    assert [item["user"] for item in running["sandboxes"]] == ["bob"]
 
 
 async def test_admin_stops_and_purges_anyones_sandbox(

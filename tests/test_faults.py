@@ -5,6 +5,7 @@ user able to carry on."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 from typing import Any
 
@@ -16,8 +17,8 @@ from aiohttp.test_utils import TestClient
 
 from gateway import containers, db
 from gateway.disks import Disks
+from gateway.docker_runtime import attach_disk
 from gateway.keys import DB, SANDBOXES, TERMINAL_LEASES
-from gateway.sandboxes import attach_disk
 from gateway.settings import Settings
 
 from .conftest import PostgresCluster
@@ -48,13 +49,15 @@ async def leave_a_dead_start(
 ) -> None:
     """What a start leaves when its gateway or its database connection dies half-way: the row in
     `starting`, nobody holding the user's lock, and (given `docker`) a container already running."""
+    # As a start does: the agent's secret in the row first, then in the container.
+    agent_secret = secrets.token_urlsafe(32)
     async with client.app[DB].acquire() as conn:
-        await db.reserve_slot(conn, user, settings.max_sandboxes)
+        await db.reserve_slot(conn, user, settings.max_sandboxes, agent_secret)
     if docker is not None:
         await containers.ensure_network(docker, settings)
         # As a start does it: the user's filesystem first, then the container.
         await attach_disk(Disks(settings), docker, settings, user)
-        await containers.create_and_start(docker, settings, user)
+        await containers.create_and_start(docker, settings, user, agent_secret=agent_secret)
 
 
 async def test_a_start_that_died_holds_no_slot_and_is_adopted_or_stopped(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -53,8 +54,9 @@ class Connection:
 
 
 class AgentServer:
-    def __init__(self, secret: str, operations: dict[str, Handler]) -> None:
-        self._secret = secret.encode()
+    def __init__(self, secret_digest: str, operations: dict[str, Handler]) -> None:
+        # Only the digest is known here: what a connection shows is hashed and compared with it.
+        self._digest = secret_digest.lower().encode()
         self._operations = operations
         # Transports still in their handshake, oldest first (dicts keep insertion order).
         self._unauthenticated: dict[asyncio.WriteTransport, None] = {}
@@ -103,7 +105,8 @@ class AgentServer:
             raise ProtocolError("the first frame must be the request")
         request = protocol.parse_json(first[1])
         secret = request.pop("secret", None)
-        if not isinstance(secret, str) or not hmac.compare_digest(secret.encode(), self._secret):
+        shown = digest_of(secret.encode()).encode() if isinstance(secret, str) else b""
+        if not hmac.compare_digest(shown, self._digest):
             raise ProtocolError("refused: no valid secret")
         return request
 
@@ -121,6 +124,10 @@ class AgentServer:
         if handler is None:
             raise OpError("unknown_op", f"no operation {op!r}")
         return handler
+
+
+def digest_of(secret: bytes) -> str:
+    return hashlib.sha256(secret).hexdigest()
 
 
 def _from_inside(writer: asyncio.StreamWriter) -> bool:

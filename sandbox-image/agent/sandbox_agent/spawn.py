@@ -23,10 +23,15 @@ WORKSPACE = "/workspace"
 # Tags are gids no file or user has: far above any the image assigns.
 FIRST_TAG, TAGS = 1_000_000, 1_000_000
 # What only the agent may know: never handed to a program it starts.
-PRIVATE_ENV = ("SANDBOX_AGENT_SECRET",)
+PRIVATE_ENV = ("SANDBOX_AGENT_SECRET", "SANDBOX_AGENT_SECRET_SHA256")
 SWEEP_ROUNDS = 100
 # asyncio's buffer per pipe before it stops reading: the backpressure toward a program that floods.
 READ_LIMIT = 64 * 1024
+# The OOM killer's first choice is whatever the user runs, never the agent: its programs start with the
+# highest score, the agent keeps the container's (0). A program may lower its own back to that floor,
+# no further (the kernel's oom_score_adj_min), and then competes on size with a ~10 MiB agent.
+CHILD_OOM_SCORE_ADJ = 1000
+OOM_SCORE_ADJ = "/proc/self/oom_score_adj"
 
 _account = pwd.getpwnam(USER)
 UID, GID, HOME = _account.pw_uid, _account.pw_gid, _account.pw_dir
@@ -83,6 +88,7 @@ async def spawn(
     """Starts argv as the user, in a session of its own, with its tag. Raises OSError (no such
     program, no such folder) as the OS reports it."""
     loop = asyncio.get_running_loop()
+    _children_oom_first(loop)
     transport, protocol = await loop.subprocess_exec(
         lambda: _Protocol(loop),
         argv[0],
@@ -98,6 +104,41 @@ async def spawn(
         **kwargs,
     )
     return Child(transport, protocol, loop)
+
+
+def _children_oom_first(loop: asyncio.AbstractEventLoop) -> None:
+    """Raises the agent's own score for the fork the caller is about to make, and lowers it back at
+    the loop's next turn: the child inherits it at fork, which happens inside subprocess_exec before
+    its first suspension. For that moment the agent is as likely a victim as the user's programs,
+    and then the larger loses, which is theirs but for a program smaller than the agent. (The child
+    cannot do it itself: after setuid its /proc/self is root's until
+    the exec, and the agent cannot write a uid-1000 process's file without CAP_DAC_OVERRIDE.)"""
+    try:
+        with open(OOM_SCORE_ADJ, "w") as adj:
+            adj.write(str(CHILD_OOM_SCORE_ADJ))
+    except OSError:
+        return  # a kernel or runtime without it: the scores stay equal
+    loop.call_soon(_restore_oom_score, _own_oom_score)
+
+
+def _restore_oom_score(score: str) -> None:
+    try:
+        with open(OOM_SCORE_ADJ, "w") as adj:
+            adj.write(score)
+    except OSError:
+        pass
+
+
+def _read_oom_score() -> str:
+    try:
+        with open(OOM_SCORE_ADJ) as adj:
+            return adj.read().strip()
+    except OSError:
+        return "0"
+
+
+# What the container gave the agent (0 unless the engine set one): read once, at import.
+_own_oom_score = _read_oom_score()
 
 
 def tagged(tag: int) -> list[int]:
