@@ -16,7 +16,6 @@ from .preview_sessions import PreviewSessions
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .shares import ShareStore
-from .terminal_leases import TerminalLeases
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
 from .websockets import SocketRegistry
@@ -31,7 +30,6 @@ SANDBOXES = web.AppKey("sandboxes", Sandboxes)
 EGRESS = web.AppKey("egress", EgressGuard)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
-TERMINAL_LEASES = web.AppKey("terminal_leases", TerminalLeases)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)
 # Preview sessions, signed with a key from gateway_secrets.
 PREVIEW_SESSIONS = web.AppKey("preview_sessions", PreviewSessions)

@@ -13,10 +13,16 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 
-from . import runs, server  # noqa: E402
+from . import runs, server, terminals  # noqa: E402
+
+TERMINALS = terminals.Terminals()
 
 OPERATIONS: dict[str, server.Handler] = {
     "run": runs.run,
+    "terminal.open": TERMINALS.open,
+    "terminal.attach": TERMINALS.attach,
+    "terminal.list": TERMINALS.list,
+    "terminal.close": TERMINALS.close,
     "ping": lambda connection, _: connection.send_json({"ok": True}),
 }
 
@@ -47,6 +53,7 @@ async def _main() -> None:
     serving = asyncio.ensure_future(agent.serve_forever())
     await stop.wait()
     serving.cancel()
+    await TERMINALS.end_all()
 
 
 def main() -> None:
