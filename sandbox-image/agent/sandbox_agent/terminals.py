@@ -302,16 +302,25 @@ class Terminal:
             self._reading = False
 
     def _on_readable(self) -> None:
-        try:
-            data = os.read(self._master, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""  # EIO: every program let go of the pty
-        if not data:
+        # A pty hands out a few KiB a read: what is there now goes out as one frame, so that a
+        # flood costs the agent and the gateway one frame per READ_CHUNK, not one per read.
+        data = bytearray()
+        ended = False
+        while len(data) < READ_CHUNK:
+            try:
+                piece = os.read(self._master, READ_CHUNK - len(data))
+            except BlockingIOError:
+                break
+            except OSError:
+                piece = b""  # EIO: every program let go of the pty
+            if not piece:
+                ended = True
+                break
+            data += piece
+        if data:
+            self._output(bytes(data))
+        if ended:
             self._pause_reading()
-            return
-        self._output(data)
 
     def _output(self, data: bytes) -> None:
         self._ring += data
