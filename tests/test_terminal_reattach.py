@@ -3,6 +3,7 @@ any gateway, several viewers, the grace period, explicit close, the list, and is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -222,3 +223,31 @@ async def test_a_shell_that_exits_tells_v2_its_status(sandbox: TestClient) -> No
     assert json.loads(message.data) == {"type": "ended", "reason": "exited", "exit": 3}
     code, reason = await screen.closed()
     assert (code, reason) == (1000, "the shell exited")
+
+
+async def test_a_stalled_viewer_is_dropped_and_the_others_go_on(make_client: MakeClient) -> None:
+    settings = TerminalSettings(viewer_buffer_bytes=16 * 1024, viewer_stall_s=1)
+    client = await make_client(terminal=settings)
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    reader, terminal_id = await ready_v2(client)
+    stalled, _ = await open_v2(client, f"?id={terminal_id}")
+    # The flood goes on until stopped; `stalled` reads nothing from here on.
+    await reader.type(b"while :; do head -c 100000 /dev/urandom | base64; echo FLOOD; done\r")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    received_after_stall = 0
+    started = loop.time()
+    while loop.time() < deadline and received_after_stall < 2_000_000:
+        message = await reader.ws.receive(timeout=10)
+        assert message.type == WSMsgType.BINARY, message
+        if loop.time() - started > settings.viewer_stall_s + 2:
+            received_after_stall += len(message.data)
+    # Long past the stalled viewer's bound, the shell still floods the one that reads.
+    assert received_after_stall >= 2_000_000
+    await reader.type(b"\x03")
+    # What the stalled socket finally reads ends with its drop: 4008, and it may reattach.
+    code, reason = await stalled.closed(timeout_s=60)
+    assert code == 4008, reason
+    again, attached = await open_v2(client, f"?id={terminal_id}")
+    assert attached["replayed"] > 0
+    await again.ws.close()
