@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import re
+from contextlib import suppress
 from enum import IntEnum
 from typing import Any
 
@@ -162,8 +163,10 @@ async def _serve(
         end = None
     except GatewayError as err:
         return CloseCode.SANDBOX_NOT_RUNNING, err.message
-    if v2 and end is not None:
-        await ws.send_str(json.dumps({"type": "ended", "reason": end.get("reason"), "exit": end.get("exit")}))
+    if v2 and end is not None and not ws.closed:
+        with suppress(ConnectionError):  # the client went at the same moment
+            ended = {"type": "ended", "reason": end.get("reason"), "exit": end.get("exit")}
+            await ws.send_str(json.dumps(ended))
     return await _close_for(sandboxes, user, end)
 
 

@@ -28,15 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import signal
-import struct
-import termios
 import time
 from typing import Any
 
-from . import protocol, spawn
+from . import protocol, ptys, spawn
 from .protocol import OpError
 from .runs import exit_status
 from .server import Connection
@@ -56,51 +53,6 @@ HANGUP_TIMEOUT_S = 3.0
 LAST_OUTPUT_BYTES = 1024 * 1024
 
 
-# The keys a line discipline turns into signals, as `stty sane` sets them.
-SIGNAL_OF = {termios.VINTR: signal.SIGINT, termios.VQUIT: signal.SIGQUIT, termios.VSUSP: signal.SIGTSTP}
-SIGNAL_KEYS = frozenset((0x03, 0x1C, 0x1A))
-
-
-def _stat(pid: int) -> tuple[int, int, int, int]:
-    """From /proc/<pid>/stat: process group, session, terminal and the terminal's foreground group
-    as the kernel sees them (-1 each: gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return int(fields[2]), int(fields[3]), int(fields[4]), int(fields[5])
-    except (OSError, ValueError, IndexError):
-        return -1, -1, -1, -1
-
-
-def _take_terminal() -> None:
-    """In the child, after setsid and the switch to the user: the pty on fd 0 becomes its controlling
-    terminal, which job control, Ctrl-C and /dev/tty need."""
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-# Not in Python's termios module (Linux's value).
-IUTF8 = 0o40000
-
-
-def _sane(fd: int) -> None:
-    """The line discipline as `stty sane` leaves it (Ctrl-C shown as ^C and sent as SIGINT, CR to NL,
-    UTF-8 erase): what Linux gives a new pty, and what gVisor's differs from."""
-    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(fd)
-    iflag |= termios.BRKINT | termios.ICRNL | termios.IXON | IUTF8
-    iflag &= ~(termios.INLCR | termios.IGNCR)
-    oflag |= termios.OPOST | termios.ONLCR
-    cflag |= termios.CREAD | termios.CS8
-    lflag |= (
-        termios.ISIG | termios.ICANON | termios.IEXTEN | termios.ECHO | termios.ECHOE | termios.ECHOK
-    )
-    lflag |= termios.ECHOCTL | termios.ECHOKE
-    termios.tcsetattr(fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
-
-
-def _set_size(fd: int, cols: int, rows: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
 class Viewer:
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
@@ -108,7 +60,7 @@ class Viewer:
 
     @property
     def transport(self) -> asyncio.WriteTransport:
-        return self.connection.writer.transport  # type: ignore[return-value]
+        return self.connection.writer.transport
 
     def write(self, data: bytes) -> None:
         if not self.ended.done() and not self.transport.is_closing():
@@ -155,8 +107,8 @@ class Terminal:
             # (The mode first: once the user owns it, changing it would take CAP_FOWNER.)
             os.fchmod(slave, 0o620)
             os.fchown(slave, spawn.UID, -1)
-            _sane(slave)
-            _set_size(slave, self.cols, self.rows)
+            ptys.sane(slave)
+            ptys.set_size(slave, self.cols, self.rows)
             env = {**spawn.base_environment(), "TERM": "xterm-256color"}
             self.shell = await spawn.spawn(
                 SHELL,
@@ -165,7 +117,7 @@ class Terminal:
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
-                preexec_fn=_take_terminal,
+                preexec_fn=ptys.take_terminal,
             )
         except BaseException:
             os.close(master)
@@ -203,7 +155,7 @@ class Terminal:
     def resize(self, cols: int, rows: int) -> None:
         self.cols, self.rows = cols, rows
         if self._master >= 0:
-            _set_size(self._master, cols, rows)  # the kernel sends SIGWINCH to the foreground job
+            ptys.set_size(self._master, cols, rows)  # the kernel sends SIGWINCH to the foreground job
 
     def redraw(self) -> None:
         """Asks a full-screen program in the foreground (an editor, less, top) to draw its screen again
@@ -232,7 +184,7 @@ class Terminal:
     # --- input and output ---
 
     async def write_input(self, data: bytes) -> None:
-        if SIGNAL_KEYS.intersection(data):
+        if ptys.SIGNAL_KEYS.intersection(data):
             data = self._signal_keys(data)
         view = memoryview(data)
         while view and self._master >= 0:
@@ -251,41 +203,13 @@ class Terminal:
                 return  # the pty is hung up: the keys have nowhere to go
 
     def _signal_keys(self, data: bytes) -> bytes:
-        """Ctrl-C, Ctrl-\\ and Ctrl-Z where the kernel's pty does not turn them into signals: gVisor's
-        (as of 2022) neither knows the pty as the shell's controlling terminal (its stat shows no
-        foreground group) nor signals anyone. There the agent does it, the key dropped and "^C" echoed,
-        guessing the foreground group it cannot ask for: while the line discipline is canonical, a
-        command runs (bash's readline turns that off at its prompt), the newest job of the session;
-        else the shell's own group. A known limit: a program that reads keys one by one in a job of
-        its own (a REPL) gets nothing, its shell the signal; a gVisor with TIOCGPGRP would fix it."""
         shell = self.shell
-        if shell is None or self._master < 0 or _stat(shell.pid)[3] != 0:
+        if shell is None or self._master < 0:
             return data
-        try:
-            attributes = termios.tcgetattr(self._master)
-        except termios.error:
-            return data
-        lflag, cc = attributes[3], attributes[6]
-        if not lflag & termios.ISIG:
-            return data  # raw mode (an editor): the program reads the keys itself
-        keys = {cc[index][0]: signum for index, signum in SIGNAL_OF.items() if cc[index][0] in SIGNAL_KEYS}
-        kept = bytearray()
-        for byte in data:
-            signum = keys.get(byte)
-            if signum is None:
-                kept.append(byte)
-                continue
-            group = self._newest_job(shell.pid) if lflag & termios.ICANON else shell.pid
-            with contextlib.suppress(OSError):
-                os.killpg(group, signum)
-            if lflag & termios.ECHO and lflag & termios.ECHOCTL:
-                self._output(b"^" + bytes([byte + 64]))
-        return bytes(kept)
-
-    def _newest_job(self, shell_pid: int) -> int:
-        groups = {stat[0] for pid in spawn.tagged(self._tag) if (stat := _stat(pid))[1] == shell_pid}
-        groups.discard(-1)
-        return max(groups - {shell_pid}, default=shell_pid)
+        kept, echo = ptys.signal_keys(self._master, shell.pid, self._tag, data)
+        if echo:
+            self._output(echo)
+        return kept
 
     def _on_writable(self) -> None:
         if self._writable is not None and not self._writable.done():
@@ -370,7 +294,8 @@ class Terminal:
         shell = self.shell
         assert shell is not None
         try:
-            await asyncio.wait({shell.exited, self._ending}, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {shell.exited, self._ending}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             reason = self._ending.result() if self._ending.done() else "exited"
             # What the shell started hears the hang-up as from a closed terminal; nohup'd work stays.
             spawn.signal_tagged(self._tag, signal.SIGHUP)
