@@ -57,15 +57,18 @@ def set_size(fd: int, cols: int, rows: int) -> None:
 
 def signal_keys(master: int, shell_pid: int, tag: int, data: bytes) -> tuple[bytes, bytes]:
     """Ctrl-C, Ctrl-\\ and Ctrl-Z where the kernel's pty does not turn them into signals: gVisor's
-    (as of 2022) neither knows the pty as the shell's controlling terminal (its stat shows no
-    foreground group) nor signals anyone. There the agent does it, the key dropped and "^C" echoed,
-    guessing the foreground group it cannot ask for: while the line discipline is canonical, a
-    command runs (bash's readline turns that off at its prompt), the newest job of the session;
-    else the shell's own group. A known limit: a program that reads keys one by one in a job of
+    (as of 2022) neither knows the pty as the shell's controlling terminal (its stat shows neither
+    a terminal nor a foreground group) nor signals anyone. There the agent does it, the key dropped
+    and "^C" echoed, guessing the foreground group it cannot ask for: while the line discipline is
+    canonical, a command runs (bash's readline turns that off at its prompt), so the newest job of
+    the session; else the shell's own group. A known limit: a program that reads keys one by one in a job of
     its own (a REPL) gets nothing, its shell the signal; a gVisor with TIOCGPGRP would fix it.
     Where the kernel knows its terminal, the keys go through untouched. The input to write, and
     what to echo."""
-    if stat(shell_pid)[3] != 0:
+    # No terminal at all, not merely no foreground group: on Linux the latter is 0 for a moment
+    # between a job's end and the shell taking its terminal back.
+    _, _, terminal, foreground = stat(shell_pid)
+    if terminal != 0 or foreground != 0:
         return data, b""
     try:
         attributes = termios.tcgetattr(master)
