@@ -32,7 +32,6 @@ from .keys import (
     SANDBOXES,
     SETTINGS,
     SHARES,
-    TERMINAL_LEASES,
     TERMINALS,
     TOKENS,
     UPSTREAM,
@@ -52,7 +51,6 @@ from .sandboxes import Sandboxes
 from .settings import Settings
 from .shares import ShareStore
 from .terminal import close_terminals_on_shutdown
-from .terminal_leases import TerminalLeases
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
 from .websockets import SocketRegistry
@@ -150,7 +148,6 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EXEC_RUNNER] = ExecRunner(settings.exec)
     app[PROCESS_STREAMS] = StreamSlots(settings.processes.max_streams_per_user)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
-    app[TERMINAL_LEASES] = TerminalLeases(app[DB])
     app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)
     app[PREVIEW_HOSTS] = PreviewHosts(app[DB])
@@ -177,7 +174,6 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("could not reconcile sessions with Docker at start: %s", err.message)
     events = ContainerEvents(sandbox_engine, app[SANDBOXES])
     tasks = [
-        asyncio.create_task(app[TERMINAL_LEASES].renew_forever(), name="terminal-lease-renewal"),
         asyncio.create_task(events.watch_forever(), name="container-events"),
     ]
     try:

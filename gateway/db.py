@@ -355,27 +355,6 @@ async def forget_rate_limits(conn: Connection) -> int:
     return int(status.split()[-1])
 
 
-async def lease_terminal(conn: Connection, run_id: str, user: str) -> None:
-    await conn.execute("INSERT INTO terminal_leases (run_id, user_id) VALUES ($1, $2)", run_id, user)
-
-
-async def renew_terminal_leases(conn: Connection, run_ids: list[str]) -> None:
-    await conn.execute("UPDATE terminal_leases SET renewed_at = now() WHERE run_id = ANY($1)", run_ids)
-
-
-async def end_terminal_lease(conn: Connection, run_id: str) -> None:
-    await conn.execute("DELETE FROM terminal_leases WHERE run_id = $1", run_id)
-
-
-async def expired_terminal_leases(conn: Connection, expire_s: float) -> list[tuple[str, str]]:
-    """(run id, user) of every terminal whose gateway has not renewed its lease for expire_s."""
-    records = await conn.fetch(
-        "SELECT run_id, user_id FROM terminal_leases WHERE renewed_at < now() - make_interval(secs => $1)",
-        float(expire_s),
-    )
-    return [(r["run_id"], r["user_id"]) for r in records]
-
-
 async def ping(conn: Connection) -> None:
     await conn.fetchval("SELECT 1")
 

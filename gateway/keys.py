@@ -17,7 +17,6 @@ from .processes import StreamSlots
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .shares import ShareStore
-from .terminal_leases import TerminalLeases
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
 from .websockets import SocketRegistry
@@ -34,7 +33,6 @@ EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 # Open process output streams per user (process_api.py).
 PROCESS_STREAMS = web.AppKey("process_streams", StreamSlots)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
-TERMINAL_LEASES = web.AppKey("terminal_leases", TerminalLeases)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)
 # Preview sessions, signed with a key from gateway_secrets.
 PREVIEW_SESSIONS = web.AppKey("preview_sessions", PreviewSessions)

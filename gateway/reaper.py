@@ -17,9 +17,8 @@ from aiohttp import web
 
 from . import db
 from .errors import GatewayError
-from .keys import DB, DOCKER_STREAMS, METRICS, SANDBOXES, SETTINGS
+from .keys import DB, METRICS, SANDBOXES, SETTINGS
 from .sandboxes import Sandboxes
-from .terminal import hang_up_orphans
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,6 @@ async def _reap_forever(app: web.Application) -> None:
         try:
             reaped = await reap_once(app[SANDBOXES], app[DB], settings.idle_timeout_s)
             await app[SANDBOXES].resolve_all_unfinished()
-            await hang_up_orphans(app[DB], app[SANDBOXES], app[DOCKER_STREAMS])
             async with db.connection(app[DB]) as conn:
                 await db.forget_rate_limits(conn)
                 await db.forget_ended_shares(conn)

@@ -53,6 +53,7 @@ from .schemas import ExecBody, StartBody, exec_json, parse_body, parse_purge, se
 from .share_api import create_share, list_shares, revoke_share
 from .shares import SHARE_PATH
 from .terminal import terminal
+from .terminal_api import close_terminal, list_terminals
 
 # The page as Vite built it (scripts/build-page.sh); the sources are in static/ beside it.
 PAGE_DIR = Path(__file__).resolve().parent.parent / "static" / "dist"
@@ -172,6 +173,8 @@ def setup_routes(app: web.Application) -> None:
     router.add_delete("/api/sandbox", stop_sandbox)
     router.add_post("/api/sandbox/exec", exec_snippet)
     router.add_get("/api/sandbox/terminal", terminal, allow_head=False)
+    router.add_get("/api/sandbox/terminals", list_terminals, allow_head=False)
+    router.add_delete("/api/sandbox/terminals/{id}", close_terminal)
     router.add_post("/api/sandbox/preview-session", preview_session)
     router.add_post("/api/sandbox/shares", create_share)
     router.add_get("/api/sandbox/shares", list_shares, allow_head=False)

@@ -126,6 +126,22 @@ class ProcessSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TerminalSettings:
+    """Terminals kept by each sandbox's agent (README, "The web terminal"); sent with every open."""
+
+    # How long a terminal opened with sandbox-terminal.v2 lives with no socket attached.
+    grace_s: int = 300
+    # The recent output replayed to a socket that attaches (at least 64 KiB: a screen and then some).
+    replay_bytes: int = 256 * 1024
+    # Terminals a sandbox may hold, attached or detached.
+    max_per_sandbox: int = 10
+    # A socket with this much output unsent holds the shell's output up; if it takes nothing for
+    # viewer_stall_s, it is dropped (close code 4008) and the shell goes on.
+    viewer_buffer_bytes: int = 256 * 1024
+    viewer_stall_s: int = 10
+
+
+@dataclass(frozen=True, kw_only=True)
 class RateLimit:
     """A token bucket: `per_minute` actions a minute on average, and as many in a burst; 0 is no limit."""
 
@@ -189,6 +205,7 @@ class Settings:
     # Origins besides the gateway's own from which browsers may open WebSockets (terminal, preview HMR).
     allowed_origins: frozenset[str] = frozenset()
     max_terminals_per_user: int = 5
+    terminal: TerminalSettings = TerminalSettings()
     # Per user, across every gateway on the database.
     start_rate: RateLimit = RateLimit(per_minute=20)
     exec_rate: RateLimit = RateLimit(per_minute=600)
@@ -310,6 +327,13 @@ class Settings:
                 if origin.strip()
             ),
             max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 5, minimum=1),
+            terminal=TerminalSettings(
+                grace_s=_int(env, "TERMINAL_GRACE_S", 300, minimum=0),
+                replay_bytes=_int(env, "TERMINAL_REPLAY_BYTES", 256 * 1024, minimum=64 * 1024),
+                max_per_sandbox=_int(env, "MAX_TERMINALS_PER_SANDBOX", 10, minimum=1),
+                viewer_buffer_bytes=_int(env, "TERMINAL_VIEWER_BUFFER_BYTES", 256 * 1024, minimum=16 * 1024),
+                viewer_stall_s=_int(env, "TERMINAL_VIEWER_STALL_S", 10, minimum=1),
+            ),
             start_rate=RateLimit(per_minute=_int(env, "RATE_LIMIT_STARTS_PER_MINUTE", 20, minimum=0)),
             exec_rate=RateLimit(per_minute=_int(env, "RATE_LIMIT_EXECS_PER_MINUTE", 600, minimum=0)),
             max_token_lifetime_s=_int(env, "GATEWAY_MAX_TOKEN_LIFETIME_S", 0, minimum=0) or None,

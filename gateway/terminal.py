@@ -1,17 +1,25 @@
-"""The web terminal: a real TTY (bash as `sandbox` in /workspace) bridged to a WebSocket.
+"""The web terminal: a WebSocket onto a terminal that the sandbox's agent keeps
+(sandbox-image/agent/sandbox_agent/terminals.py): a shell on a pty, `bash -l` as `sandbox` in /workspace.
 
-Protocol (subprotocol `sandbox-terminal.v1`):
+Protocol (README, "The web terminal"), subprotocol `sandbox-terminal.v2` or `sandbox-terminal.v1`:
   client -> gateway  binary frame: bytes for the TTY (keystrokes, pastes; any bytes, UTF-8 or not)
                      text frame:   JSON control message, {"type": "resize", "cols": C, "rows": R}
-  gateway -> client  binary frame: bytes the TTY wrote
-  initial size:      query parameters ?cols=C&rows=R (optional)
-Close codes: 1000 the shell exited, 1001 the gateway is shutting down, 1003 a malformed control
-message, 4000 the sandbox stopped (the reason follows), 4009 the sandbox is not running,
-4029 too many terminals for this user.
+  gateway -> client  binary frame: bytes the TTY wrote (after an attach, the replay first)
+                     text frame (v2 only): {"type": "attached", "id", "replayed": N, "new": bool} first,
+                     {"type": "ended", "reason", "exit"} when the terminal ends
+  query:             ?cols=C&rows=R (optional), ?id=<terminal id> attaches to an existing terminal
+Close codes: 1000 the shell exited or the terminal was closed, 1001 the gateway is shutting down,
+1003 a malformed control message, 1011 the sandbox's agent went away, 4000 the sandbox stopped (the
+reason follows), 4004 no such terminal, 4008 this socket fell behind the output (reattach),
+4009 the sandbox is not running, 4029 too many terminals for this user or this sandbox.
 
-Both directions honour backpressure: output is read from Docker only as fast as the client takes it
-(aiohttp's send waits for the socket to drain, and aiodocker pauses its socket when its queue is full),
-so a flood toward a stalled client holds memory at a few buffers, not the whole flood.
+A v1 socket that opens a terminal owns it, as before: closing the socket hangs the shell up (a grace
+period of 0). A v2 terminal is detached when its last socket goes and lives for the grace period
+(settings.terminal.grace_s); any gateway process can reattach it, since it lives in the agent.
+
+Both directions honour backpressure: output is read from the agent only as fast as the client takes it
+(aiohttp's send waits for the socket to drain), and the agent holds the shell's output while a socket
+lags, up to its bound (terminals.py), so a flood toward a stalled client costs a few buffers.
 """
 
 from __future__ import annotations
@@ -19,31 +27,36 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
+import re
 from contextlib import suppress
 from enum import IntEnum
 from typing import Any
 
-import aiodocker
-import asyncpg
-from aiodocker.stream import Stream
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import containers, db, terminal_leases
+from . import agent, agent_protocol, containers
 from .activity import Seen
 from .auth import check_origin
-from .containers import exec_errors, exit_code
-from .errors import GatewayError, SandboxNotFound, SandboxNotRunning
-from .keys import ACTIVITY, DOCKER_STREAMS, SANDBOXES, SETTINGS, TERMINAL_LEASES, TERMINALS, USER
+from .errors import (
+    AgentFailed,
+    AgentUnavailable,
+    GatewayError,
+    InvalidRequest,
+    SandboxNotFound,
+    SandboxNotRunning,
+)
+from .keys import ACTIVITY, SANDBOXES, SETTINGS, TERMINALS, USER
 from .sandboxes import Sandboxes
+from .settings import TerminalSettings
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "sandbox-terminal.v1"
+PROTOCOL_V1 = "sandbox-terminal.v1"
+PROTOCOL_V2 = "sandbox-terminal.v2"
 HEARTBEAT_S = 30.0
-HANGUP_TIMEOUT_S = 10.0
 MAX_CONTROL_MESSAGE = 1024
-SHELL = ["bash", "-l"]
+# The agent's terminal ids: 24 hex digits.
+TERMINAL_ID = re.compile(r"[0-9a-f]{24}")
 # A shell's exit status from this up: it was killed by a signal (128 + the signal's number).
 SIGNAL_EXIT = 128
 
@@ -52,7 +65,10 @@ class CloseCode(IntEnum):
     SHELL_EXITED = 1000
     GOING_AWAY = 1001
     BAD_MESSAGE = 1003
+    AGENT_LOST = 1011
     SANDBOX_STOPPED = 4000
+    NO_SUCH_TERMINAL = 4004
+    FELL_BEHIND = 4008
     SANDBOX_NOT_RUNNING = 4009
     TOO_MANY_TERMINALS = 4029
 
@@ -61,12 +77,24 @@ async def close_terminals_on_shutdown(app: web.Application) -> None:
     await app[TERMINALS].close_all(WSCloseCode.GOING_AWAY, "gateway shutting down")
 
 
+def valid_terminal_id(value: str) -> str:
+    if not TERMINAL_ID.fullmatch(value):
+        raise InvalidRequest("a terminal id is 24 hexadecimal digits")
+    return value
+
+
 async def terminal(request: web.Request) -> web.StreamResponse:
     check_origin(request, request.app[SETTINGS])
     size = _initial_size(request)
+    terminal_id = request.query.get("id")
+    if terminal_id is not None:
+        valid_terminal_id(terminal_id)
     user = request[USER]
     terminals = request.app[TERMINALS]
-    ws = web.WebSocketResponse(protocols=[PROTOCOL], heartbeat=HEARTBEAT_S, max_msg_size=1024 * 1024)
+    # The client's order decides when it offers both (aiohttp takes the first of its list we speak).
+    ws = web.WebSocketResponse(
+        protocols=[PROTOCOL_V2, PROTOCOL_V1], heartbeat=HEARTBEAT_S, max_msg_size=1024 * 1024
+    )
     await ws.prepare(request)
     if not terminals.add(user, ws):
         await ws.close(
@@ -75,57 +103,99 @@ async def terminal(request: web.Request) -> web.StreamResponse:
         )
         return ws
     try:
-        await _serve(request, ws, user, size)
+        code, reason = await _serve(request, ws, user, size, terminal_id)
+        await ws.close(code=code, message=reason.encode()[:120])
     finally:
         terminals.discard(user, ws)
     return ws
 
 
+def _operation(
+    settings: TerminalSettings, v2: bool, size: tuple[int, int] | None, terminal_id: str | None
+) -> tuple[str, dict[str, Any]]:
+    dimensions = {"cols": size[0], "rows": size[1]} if size else {}
+    if terminal_id is not None:
+        return "terminal.attach", {"id": terminal_id, **dimensions}
+    return "terminal.open", {
+        **dimensions,
+        # A v1 client cannot learn the id, so cannot come back: its terminal ends with its socket.
+        "grace_s": settings.grace_s if v2 else 0,
+        "ring_bytes": settings.replay_bytes,
+        "max_terminals": settings.max_per_sandbox,
+        "viewer_buffer_bytes": settings.viewer_buffer_bytes,
+        "viewer_stall_s": settings.viewer_stall_s,
+    }
+
+
 async def _serve(
-    request: web.Request, ws: web.WebSocketResponse, user: str, size: tuple[int, int] | None
-) -> None:
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    user: str,
+    size: tuple[int, int] | None,
+    terminal_id: str | None,
+) -> tuple[int, str]:
+    """Attaches the socket to a terminal until either ends; the close code and reason."""
     sandboxes = request.app[SANDBOXES]
-    docker = request.app[DOCKER_STREAMS]
+    v2 = ws.ws_protocol == PROTOCOL_V2
     try:
-        container_id = await sandboxes.running_container(user)
+        address = await sandboxes.agent(user)
     except SandboxNotRunning as err:
-        await ws.close(code=CloseCode.SANDBOX_NOT_RUNNING, message=err.message.encode())
-        return
-    run_id = secrets.token_hex(16)
-    container = docker.containers.container(container_id)
-    leases = request.app[TERMINAL_LEASES]
-    shell_status: int | None = None
+        return CloseCode.SANDBOX_NOT_RUNNING, err.message
+    op, params = _operation(request.app[SETTINGS].terminal, v2, size, terminal_id)
+    end: dict[str, Any] | None = None
     try:
-        with exec_errors("opening a terminal"):
-            execution = await container.exec(
-                SHELL,
-                stdin=True,
-                tty=True,
-                user="sandbox",
-                workdir="/workspace",
-                environment={"TERM": "xterm-256color", "SANDBOX_RUN_ID": run_id},
-            )
-            async with leases.held(run_id, user), execution.start(detach=False) as stream:
-                if size:
-                    await execution.resize(w=size[0], h=size[1])
-                code, reason = await _bridge(ws, stream, execution, Seen(request.app[ACTIVITY], user))
-            if code == CloseCode.SHELL_EXITED:
-                shell_status = await exit_code(execution)
+        async with agent.operation(address, op, **params) as stream:
+            if v2:
+                answer = stream.answer
+                attached = {"type": "attached", "id": answer.get("id"), "replayed": answer.get("replayed")}
+                await ws.send_str(json.dumps({**attached, "new": terminal_id is None}))
+            outcome = await _bridge(ws, stream, Seen(request.app[ACTIVITY], user))
+            if isinstance(outcome, tuple):
+                return outcome  # the client's end: it closed, or broke the protocol
+            end = outcome
+    except AgentFailed as err:
+        if err.code == "not_found":
+            return CloseCode.NO_SUCH_TERMINAL, err.message
+        if err.code == "too_many":
+            return CloseCode.TOO_MANY_TERMINALS, err.message
+        return CloseCode.AGENT_LOST, err.message
+    except AgentUnavailable:
+        end = None
     except GatewayError as err:
-        code, reason = CloseCode.SANDBOX_NOT_RUNNING, err.message
-    finally:
-        await _hang_up(container, run_id)
-    if code == CloseCode.SHELL_EXITED and (stopped := await _why_stopped(sandboxes, user, shell_status)):
-        code, reason = CloseCode.SANDBOX_STOPPED, stopped
-    await ws.close(code=code, message=reason.encode()[:120])
+        return CloseCode.SANDBOX_NOT_RUNNING, err.message
+    if v2 and end is not None and not ws.closed:
+        with suppress(ConnectionError):  # the client went at the same moment
+            ended = {"type": "ended", "reason": end.get("reason"), "exit": end.get("exit")}
+            await ws.send_str(json.dumps(ended))
+    return await _close_for(sandboxes, user, end)
+
+
+async def _close_for(sandboxes: Sandboxes, user: str, end: dict[str, Any] | None) -> tuple[int, str]:
+    """The close code for a terminal's end as the agent told it, or for an agent that went silent."""
+    reason = end.get("reason") if end else None
+    status = end.get("exit") if end else None
+    if reason == "lagging":
+        return CloseCode.FELL_BEHIND, "this connection fell behind the terminal's output: reattach"
+    if reason in ("closed", "expired"):
+        return CloseCode.SHELL_EXITED, "the terminal was closed"
+    # The shell may have died with its sandbox (docker kill): the sandbox's state says.
+    died = reason != "exited" or not isinstance(status, int) or status >= SIGNAL_EXIT
+    if stopped := await _why_stopped(sandboxes, user, died):
+        return CloseCode.SANDBOX_STOPPED, stopped
+    if reason == "exited":
+        return CloseCode.SHELL_EXITED, "the shell exited"
+    if reason == "stopping":
+        return CloseCode.SANDBOX_STOPPED, "the sandbox stopped"
+    return CloseCode.AGENT_LOST, "the sandbox's agent went away"
 
 
 async def _bridge(
-    ws: web.WebSocketResponse, stream: Stream, execution: Any, activity: Seen
-) -> tuple[int, str]:
-    """Relays both ways until either side ends; returns the close code and reason for the client."""
+    ws: web.WebSocketResponse, stream: agent.AgentStream, activity: Seen
+) -> tuple[int, str] | dict[str, Any] | None:
+    """Relays both ways until either side ends: the client's close code and reason, or the agent's
+    end message (None if the agent's connection ended without one)."""
     output = asyncio.ensure_future(_relay_output(stream, ws, activity))
-    keyboard = asyncio.ensure_future(_relay_input(ws, stream, execution, activity))
+    keyboard = asyncio.ensure_future(_relay_input(ws, stream, activity))
     try:
         done, _ = await asyncio.wait({output, keyboard}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -134,28 +204,42 @@ async def _bridge(
         await asyncio.gather(output, keyboard, return_exceptions=True)
     if keyboard in done and not keyboard.cancelled() and keyboard.exception() is None:
         return keyboard.result()
-    return CloseCode.SHELL_EXITED, "the shell exited"
+    if output in done and not output.cancelled() and output.exception() is None:
+        return output.result()
+    return None
 
 
-async def _relay_output(stream: Stream, ws: web.WebSocketResponse, activity: Seen) -> None:
-    while (message := await stream.read_out()) is not None:
-        # Awaiting the send is the backpressure: no reading from Docker while the client lags.
-        await ws.send_bytes(message.data)
+async def _relay_output(
+    stream: agent.AgentStream, ws: web.WebSocketResponse, activity: Seen
+) -> dict[str, Any] | None:
+    while (message := await stream.read_frame()) is not None:
+        kind, payload = message
+        if kind == agent_protocol.JSON:
+            end = agent_protocol.parse_json(payload)
+            if end.get("type") == "end":
+                return end
+            continue
+        # Awaiting the send is the backpressure: no reading from the agent while the client lags.
+        await ws.send_bytes(payload)
         await activity()
+    return None
 
 
 async def _relay_input(
-    ws: web.WebSocketResponse, stream: Stream, execution: Any, activity: Seen
+    ws: web.WebSocketResponse, stream: agent.AgentStream, activity: Seen
 ) -> tuple[int, str]:
     async for message in ws:
         if message.type == WSMsgType.BINARY:
-            await stream.write_in(message.data)
+            for start in range(0, len(message.data), agent_protocol.MAX_FRAME):
+                await stream.send(
+                    agent_protocol.STDIN, message.data[start : start + agent_protocol.MAX_FRAME]
+                )
             await activity()
         elif message.type == WSMsgType.TEXT:
             size = _parse_resize(message.data)
             if size is None:
                 return CloseCode.BAD_MESSAGE, 'expected {"type": "resize", "cols": C, "rows": R}'
-            await execution.resize(w=size[0], h=size[1])
+            await stream.send_json({"type": "resize", "cols": size[0], "rows": size[1]})
     return WSCloseCode.OK, "closed by the client"
 
 
@@ -192,43 +276,14 @@ def _valid_size(cols: object, rows: object) -> tuple[int, int] | None:
     return (cols, rows) if valid else None  # type: ignore[return-value]
 
 
-async def hang_up_orphans(pool: asyncpg.Pool, sandboxes: Sandboxes, docker: aiodocker.Docker) -> int:
-    """Hangs up the shells whose gateway stopped renewing their leases (it died); how many."""
-    async with db.connection(pool) as conn:
-        expired = await db.expired_terminal_leases(conn, terminal_leases.EXPIRE_S)
-    for run_id, user in expired:
-        try:
-            container_id = await sandboxes.running_container(user)
-        except SandboxNotRunning:
-            pass  # stopped since: nothing of the shell is left
-        else:
-            await _hang_up(docker.containers.container(container_id), run_id)
-        async with db.connection(pool) as conn:
-            await db.end_terminal_lease(conn, run_id)
-    if expired:
-        log.info("hung up %d terminals whose gateway is gone", len(expired))
-    return len(expired)
-
-
-async def _hang_up(container: Any, run_id: str) -> None:
-    """Ends the shell and its jobs the way a closed terminal does (SIGHUP); nohup'd work survives."""
-    with suppress(aiodocker.DockerError, TimeoutError):
-        hangup = await container.exec(["sandbox-hangup", run_id], user="sandbox")
-        async with asyncio.timeout(HANGUP_TIMEOUT_S), hangup.start(detach=False) as stream:
-            while await stream.read_out() is not None:
-                pass
-
-
-# After `docker kill`, the shell's stream ends a moment before the engine shows the container as
-# exited: a shell that died of a signal gives the engine this long to tell.
+# After `docker kill`, the agent's connection ends a moment before the engine shows the container as
+# exited: a shell that died with its sandbox gives the engine this long to tell.
 DEATH_NOTICE_S = 2.0
 
 
-async def _why_stopped(sandboxes: Sandboxes, user: str, shell_status: int | None) -> str | None:
-    """Why the sandbox stopped under the shell that just ended, or None if it still runs."""
-    deadline = asyncio.get_running_loop().time() + (
-        DEATH_NOTICE_S if shell_status is None or shell_status >= SIGNAL_EXIT else 0
-    )
+async def _why_stopped(sandboxes: Sandboxes, user: str, died: bool) -> str | None:
+    """Why the sandbox stopped under the terminal that just ended, or None if it still runs."""
+    deadline = asyncio.get_running_loop().time() + (DEATH_NOTICE_S if died else 0)
     while True:
         try:
             session = await sandboxes.get(user)  # records a death from outside, as has_stopped does

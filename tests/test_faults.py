@@ -11,14 +11,13 @@ from typing import Any
 
 import aiodocker
 import aiohttp
-import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway import containers, db
 from gateway.disks import Disks
 from gateway.docker_runtime import attach_disk
-from gateway.keys import DB, SANDBOXES, TERMINAL_LEASES
+from gateway.keys import DB, SANDBOXES
 from gateway.settings import Settings
 
 from .conftest import PostgresCluster
@@ -151,8 +150,7 @@ async def test_postgres_restarted_under_a_run_and_an_open_terminal(
     client: TestClient, postgres_cluster: PostgresCluster, docker: aiodocker.Docker
 ) -> None:
     """A run in flight finishes with its result, and an open terminal carries on, while PostgreSQL
-    restarts: neither needs the database once it is going (the terminal's lease renewal fails quietly
-    and catches up)."""
+    restarts: neither needs the database once it is going."""
     assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
     screen = await open_terminal(client)
     await screen.type(b"echo BEFORE-$((6*7))\r")
@@ -180,9 +178,6 @@ async def test_postgres_restarted_under_a_run_and_an_open_terminal(
     await screen.type(b"echo AFTER-$((6*7))\r")
     await screen.expect(b"AFTER-42")
     assert (await bash(client, "echo again"))[1]["stdout"] == "again\n"
-    await client.app[TERMINAL_LEASES].renew()
-    async with client.app[DB].acquire() as conn:
-        assert await conn.fetchval("SELECT count(*) FROM terminal_leases") == 1
 
 
 async def test_a_run_ends_itself_when_its_gateway_is_killed(
@@ -212,10 +207,11 @@ async def test_a_run_ends_itself_when_its_gateway_is_killed(
     await poll(ended, timeout_s=12, interval_s=0.2)
 
 
-async def test_a_terminal_is_hung_up_by_another_gateway_when_its_own_is_killed(
+async def test_a_terminal_is_hung_up_when_its_gateway_is_killed(
     start_gateways: StartGateways, http: aiohttp.ClientSession, docker: aiodocker.Docker, settings: Settings
 ) -> None:
-    """Docker does not hang up a shell whose client went away; its lease runs out instead."""
+    """The shell belongs to the sandbox's agent: a v1 terminal's gateway dying is its socket closing,
+    and the agent hangs it up, with no other gateway involved."""
     (a,) = await start_gateways("a")
     assert (await call(http, a, "POST", "/api/sandbox", "alice"))[0] == 201
     container = await docker.containers.get(containers.container_name(settings, "alice"))
@@ -229,14 +225,6 @@ async def test_a_terminal_is_hung_up_by_another_gateway_when_its_own_is_killed(
     assert await job_runs()
     a.process.send_signal(signal.SIGKILL)
     await a.process.wait()
-    assert await job_runs()
-    # Time passes for the lease (as it would in terminal_leases.EXPIRE_S) instead of for the test.
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute("UPDATE terminal_leases SET renewed_at = now() - interval '1 hour'")
-    finally:
-        await conn.close()
-    await start_gateways("b", REAPER_INTERVAL_S="1")
 
     async def hung_up() -> bool:
         return not await job_runs()

@@ -77,3 +77,25 @@ async def test_a_refused_token_signs_out_with_a_message(
     await page.click("#sign-in button")
     await expect(page.locator("#notice")).to_contain_text("sign in again")
     await expect(page.locator("#sign-in")).to_be_visible()
+
+
+async def test_the_terminal_reattaches_after_a_reload_with_its_shell_and_screen(
+    page: Page, client: TestClient, settings: Settings
+) -> None:
+    await sign_in(page, client, settings)
+    await page.click("#start")
+    await expect(page.locator("#terminal-status")).to_have_text("connected", timeout=30_000)
+    rows = page.locator("#terminal .xterm-rows")
+    await expect(rows).to_contain_text("$", timeout=10_000)
+    await page.click("#terminal")
+    # A variable only this shell has, and a job that keeps printing.
+    await page.keyboard.type("MINE=kept-$((6*7)); echo marker-$((6*7))\n")
+    await expect(rows).to_contain_text("marker-42", timeout=10_000)
+
+    await page.reload()
+    # The page comes back to the same terminal by itself, and the replay redraws its screen.
+    await expect(page.locator("#terminal-status")).to_have_text("connected", timeout=15_000)
+    await expect(rows).to_contain_text("marker-42", timeout=10_000)
+    await page.click("#terminal")
+    await page.keyboard.type("echo still-$MINE\n")
+    await expect(rows).to_contain_text("still-kept-42", timeout=10_000)

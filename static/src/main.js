@@ -43,6 +43,8 @@ async function refreshState() {
   if (!storedToken()) return;
   try {
     showSandbox(await call("GET", "/api/sandbox"));
+    // After a reload: back to this tab's terminal, whose shell kept running in the sandbox.
+    if (sandbox.state === "running" && terminal.storedId && !terminal.socket) terminal.connect(storedToken());
   } catch (error) {
     if (error instanceof ApiError && error.code === "sandbox_not_found") showSandbox(null);
     else if (error instanceof ApiError && error.status === 401) signOut("Your token was refused: sign in again.");

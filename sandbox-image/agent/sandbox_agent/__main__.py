@@ -16,14 +16,20 @@ import os  # noqa: E402
 import signal  # noqa: E402
 from functools import partial  # noqa: E402
 
-from . import ports, processes, relay, runs, server  # noqa: E402
+from . import ports, processes, relay, runs, server, terminals  # noqa: E402
 
-# The sandbox's processes: the agent's one piece of state, which lives as long as it does.
+# The sandbox's terminals and processes: the agent's state, which lives as long as it does.
+TERMINALS = terminals.Terminals()
+
 PROCESSES = processes.Registry()
 OPERATIONS: dict[str, server.Handler] = {
     "run": runs.run,
     "connect": relay.connect,
     "ports": ports.ports,
+    "terminal.open": TERMINALS.open,
+    "terminal.attach": TERMINALS.attach,
+    "terminal.list": TERMINALS.list,
+    "terminal.close": TERMINALS.close,
     "ping": lambda connection, _: connection.send_json({"ok": True}),
     "process.start": partial(processes.start, PROCESSES),
     "process.list": partial(processes.list_processes, PROCESSES),
@@ -65,6 +71,7 @@ async def _main() -> None:
     await stop.wait()
     serving.cancel()
     await PROCESSES.stop_all()
+    await TERMINALS.end_all()
 
 
 def main() -> None:
