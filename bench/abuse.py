@@ -191,7 +191,7 @@ async def neighbour_runs(
 @asynccontextmanager
 async def forkbomb(bench: Bench, outcome: Outcome) -> AsyncIterator[None]:
     # The bomb's processes outlive the shell that started them; the sleep keeps the run going
-    # through the window (sandbox-run then ends every process of the run). Its "fork: retry"
+    # through the window (the agent then ends every process of the run). Its "fork: retry"
     # messages would be an output flood of their own: that is the floods case.
     lasting = bench.seconds + SETTLE_S + 1
     code = f"exec 2>/dev/null; sleep {lasting:.0f} & :(){{ :|:& }};:; wait"

@@ -183,7 +183,7 @@ async def test_postgres_restarted_under_a_run_and_an_open_terminal(
 async def test_a_run_ends_itself_when_its_gateway_is_killed(
     start_gateways: StartGateways, http: aiohttp.ClientSession, docker: aiodocker.Docker, settings: Settings
 ) -> None:
-    """kill -9 leaves no gateway to end the run at its timeout: the sandbox does (sandbox-run)."""
+    """kill -9 leaves no gateway to end the run at its timeout: the sandbox's agent does."""
     (gateway,) = await start_gateways("a")
     assert (await call(http, gateway, "POST", "/api/sandbox", "alice"))[0] == 201
     container = await docker.containers.get(containers.container_name(settings, "alice"))
