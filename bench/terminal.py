@@ -28,7 +28,7 @@ import asyncpg
 
 from gateway import agent, agent_protocol
 from gateway.agent import AgentAddress
-from gateway.sandboxes import AGENT_HOST
+from gateway.docker_runtime import PUBLISHED_HOST
 
 from .common import quantile, running_gateway
 
@@ -186,7 +186,7 @@ async def agent_address(database_url: str, user: str) -> AgentAddress:
     finally:
         await conn.close()
     assert row is not None
-    return AgentAddress(AGENT_HOST, row["agent_port"], row["agent_secret"])
+    return AgentAddress(PUBLISHED_HOST, row["agent_port"], row["agent_secret"])
 
 
 async def main(keystrokes: int, megabytes: int, reattaches: int) -> None:
