@@ -6,7 +6,8 @@ and the latency of streamed output through the processes API (server-sent events
 For `console.log(1)`, `print(1)` and bash `true`: the API (gateway, agent, run op, exit), the same
 argv as a direct aiodocker exec as user sandbox in /workspace (read to the end, exit code asked), and
 the interpreter's own start-to-exit measured inside the sandbox (a python3 loop timing fork, exec and
-wait of the same argv). Runs alternate so that drift on the machine hits all alike.
+wait of the same argv). The paths take turns in blocks of ten, so that drift on the machine hits all
+alike and no run pays for the engine's clean-up after a docker exec (see main).
 
 Streaming: a background process prints its own clock (time.time_ns) every 100 ms; the client notes
 its clock (the same kernel's) when the SSE event carrying it arrives; the difference is the time from
@@ -18,8 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 import aiodocker
 import aiohttp
@@ -47,6 +50,8 @@ for _ in range(runs + 3):
     samples.append(time.perf_counter() - started)
 print(json.dumps(samples[3:]))
 """
+# Runs of one path in a row (see main).
+BLOCK = 10
 TICKER = """
 import sys, time
 for _ in range({n}):
@@ -149,6 +154,10 @@ async def streaming(
     return latencies
 
 
+async def _block(run: Callable[[], Awaitable[float]]) -> list[float]:
+    return [await run() for _ in range(BLOCK + 1)][1:]
+
+
 async def main(runs: int) -> None:
     async with running_gateway() as gateway, aiohttp.ClientSession() as session, aiodocker.Docker() as docker:
         headers = gateway.headers("bench")
@@ -164,11 +173,17 @@ async def main(runs: int) -> None:
                 await through_api(session, gateway, headers, case)
                 await through_agent(runner, address, case)
                 await direct(docker, container_id, case)
-            api, agent_only, baseline = [], [], []
-            for _ in range(runs):
-                api.append(await through_api(session, gateway, headers, case))
-                agent_only.append(await through_agent(runner, address, case))
-                baseline.append(await direct(docker, container_id, case))
+            api: list[float] = []
+            agent_only: list[float] = []
+            baseline: list[float] = []
+            # Blocks of each path in turn: drift still hits all alike, and a `docker exec` leaves the
+            # engine and containerd busy for a while after it returns (cleaning up the exec), which
+            # runs interleaved one by one would pay for although nothing of theirs uses the engine.
+            # The first run of a block, right after the switch, is not kept.
+            for _ in range(math.ceil(runs / BLOCK)):
+                api += await _block(lambda case=case: through_api(session, gateway, headers, case))
+                agent_only += await _block(lambda case=case: through_agent(runner, address, case))
+                baseline += await _block(lambda case=case: direct(docker, container_id, case))
             own = await inside(session, gateway, headers, case, runs)
             rows[case] = {
                 "inside (own start)": own,
@@ -178,7 +193,11 @@ async def main(runs: int) -> None:
             }
         stream = await streaming(session, gateway, headers, max(runs, 30))
     for case, row in rows.items():
-        report(f"{case} ({runs} runs each, alternating)", row, baseline="inside (own start)")
+        report(
+            f"{case} ({len(row['gateway POST /exec'])} runs each, in alternating blocks of {BLOCK})",
+            row,
+            baseline="inside (own start)",
+        )
     print("\nratios of medians (API / own start, API / docker exec)")
     for case, row in rows.items():
         api, own, docker_exec = (
