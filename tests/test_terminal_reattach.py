@@ -74,7 +74,12 @@ async def list_terminals(client: TestClient, user: str = "alice") -> list[dict[s
 
 async def test_reattach_after_closing_the_socket_resumes_the_shell_and_replays(sandbox: TestClient) -> None:
     screen, terminal_id = await ready_v2(sandbox)
-    await screen.type(b"echo MARKER-$((6*7)); for i in $(seq 1 100000); do echo tick-$i; sleep 0.1; done\r")
+    # The loop is a job of its own (bash -c): Ctrl-C then ends it for sure. Run by the interactive shell
+    # itself, a SIGINT landing between two sleeps is taken for one that the sleep handled, and the loop
+    # goes on (bash's rule for children that catch SIGINT).
+    await screen.type(
+        b"echo MARKER-$((6*7)); bash -c 'for i in $(seq 1 100000); do echo tick-$i; sleep 0.1; done'\r"
+    )
     await screen.expect(b"MARKER-42")
     before = await last_tick(screen)
     await screen.ws.close()
