@@ -25,6 +25,9 @@ from .protocol import OpError
 from .server import Connection
 
 LISTEN = "0A"
+# Docker's embedded DNS resolver listens in every sandbox's network namespace on a random port of this
+# address: the engine's socket, not the user's server.
+DOCKER_DNS = "127.0.0.11"
 TABLES = (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6))
 HELPER_TIMEOUT_S = 5.0
 MAX_COMMAND = 200
@@ -75,8 +78,9 @@ def listening() -> list[tuple[int, str, str]]:
                 continue
             hex_address, hex_port = fields[1].split(":")
             port = int(hex_port, 16)
-            if port != server.PORT:
-                found.append((port, _address(hex_address, family), fields[9]))
+            address = _address(hex_address, family)
+            if port != server.PORT and address != DOCKER_DNS:
+                found.append((port, address, fields[9]))
     return sorted(found)
 
 
