@@ -44,7 +44,7 @@ from .preview import preview_host_middleware, preview_origin_connections_middlew
 from .preview_access import PreviewGate
 from .preview_hosts import PreviewHosts
 from .preview_sessions import PreviewSessions
-from .processes import StreamSlots
+from .processes import stream_slots
 from .reaper import reaper_ctx
 from .routes import setup_routes
 from .sandboxes import Sandboxes
@@ -146,7 +146,7 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     sandbox_engine = DockerRuntime(settings, app[DOCKER], app[DOCKER_STREAMS])
     app[SANDBOXES] = Sandboxes(settings, app[DB], sandbox_engine, app[EGRESS])
     app[EXEC_RUNNER] = ExecRunner(settings.exec)
-    app[PROCESS_STREAMS] = StreamSlots(settings.processes.max_streams_per_user)
+    app[PROCESS_STREAMS] = stream_slots(settings.processes.max_streams_per_user)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
     app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import agent, agent_protocol
 from .agent import AgentAddress
-from .errors import AgentUnavailable, TooManyRequests
+from .errors import AgentUnavailable
 from .settings import ExecSettings
+from .user_slots import UserSlots
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +78,12 @@ class _Output:
 class ExecRunner:
     def __init__(self, settings: ExecSettings) -> None:
         self._settings = settings
-        # Per-process count of runs in flight per user. A known limit: with several gateway
-        # processes the bound applies per process; a PostgreSQL counter would make it global.
-        self._in_flight: Counter[str] = Counter()
+        limit = settings.max_concurrent_per_user
+        self._in_flight = UserSlots(limit, f"at most {limit} runs at a time per user; wait for one to finish")
 
-    @asynccontextmanager
-    async def slot(self, user: str) -> AsyncIterator[None]:
-        if self._in_flight[user] >= self._settings.max_concurrent_per_user:
-            raise TooManyRequests(
-                f"at most {self._settings.max_concurrent_per_user} runs at a time per user; "
-                "wait for one to finish"
-            )
-        self._in_flight[user] += 1
-        try:
-            yield
-        finally:
-            self._in_flight[user] -= 1
-            if not self._in_flight[user]:
-                del self._in_flight[user]
+    def slot(self, user: str) -> AbstractAsyncContextManager[None]:
+        """A run in flight for `user`, or TooManyRequests past the per-user bound."""
+        return self._in_flight.slot(user)
 
     async def run(self, address: AgentAddress, request: ExecRequest) -> ExecResult:
         program = [*PROGRAMS[request.language], request.code]

@@ -13,12 +13,12 @@ from .metrics import Metrics
 from .preview_access import PreviewGate
 from .preview_hosts import PreviewHosts
 from .preview_sessions import PreviewSessions
-from .processes import StreamSlots
 from .sandboxes import Sandboxes
 from .settings import Settings
 from .shares import ShareStore
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
+from .user_slots import UserSlots
 from .websockets import SocketRegistry
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -31,7 +31,7 @@ SANDBOXES = web.AppKey("sandboxes", Sandboxes)
 EGRESS = web.AppKey("egress", EgressGuard)
 EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 # Open process output streams per user (process_api.py).
-PROCESS_STREAMS = web.AppKey("process_streams", StreamSlots)
+PROCESS_STREAMS = web.AppKey("process_streams", UserSlots)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)
 # Preview sessions, signed with a key from gateway_secrets.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,10 +20,11 @@ import pydantic
 
 from . import agent, agent_protocol
 from .agent import AgentAddress
-from .errors import AgentFailed, InvalidRequest, PayloadTooLarge, ProcessNotFound, TooManyRequests
+from .errors import AgentFailed, InvalidRequest, PayloadTooLarge, ProcessNotFound
 from .execute import PROGRAMS
 from .schemas import StrictModel
 from .settings import ExecSettings, ProcessSettings
+from .user_slots import UserSlots
 
 # What the agent makes: secrets.token_hex(8).
 PROCESS_ID = re.compile(r"[0-9a-f]{16}")
@@ -228,22 +228,6 @@ async def send_signal(address: AgentAddress, process_id: str, name: str) -> int:
         return int(stream.answer.get("signalled", 0))
 
 
-class StreamSlots:
-    """Open output streams per user, in this gateway process. A known limit: with several gateway
-    processes the bound applies per process, as for runs (execute.py)."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._open: Counter[str] = Counter()
-
-    @asynccontextmanager
-    async def slot(self, user: str) -> AsyncIterator[None]:
-        if self._open[user] >= self._limit:
-            raise TooManyRequests(f"at most {self._limit} output streams at a time per user; close one")
-        self._open[user] += 1
-        try:
-            yield
-        finally:
-            self._open[user] -= 1
-            if not self._open[user]:
-                del self._open[user]
+def stream_slots(limit: int) -> UserSlots:
+    """Open output streams per user, in this gateway process."""
+    return UserSlots(limit, f"at most {limit} output streams at a time per user; close one")
