@@ -302,12 +302,6 @@ class Sandboxes:
                     log.info("unmounting the filesystem of %s: no sandbox uses it", user)
                     await self._engine.detach_workspace(user)
 
-    async def running_container(self, user: str) -> str:
-        """The id of the user's running container, for exec and friends; counts as activity."""
-        session = await self._running_session(user)
-        assert session.container_id is not None
-        return session.container_id
-
     async def agent(self, user: str) -> AgentAddress:
         """Where the agent of the user's running sandbox answers, with its secret, for runs, processes,
         terminals and ports; counts as activity."""
