@@ -59,10 +59,13 @@ class AgentStream:
 
 
 @asynccontextmanager
-async def operation(address: AgentAddress, op: str, **params: Any) -> AsyncIterator[AgentStream]:
+async def operation(
+    address: AgentAddress, op: str, *, answer_timeout_s: float = ANSWER_TIMEOUT_S, **params: Any
+) -> AsyncIterator[AgentStream]:
     """A connection to the agent carrying `op`: yields once the agent accepted it. Raises
-    AgentUnavailable when the agent cannot be reached, AgentFailed with its code when it refuses."""
-    stream = await _open(address, op, params)
+    AgentUnavailable when the agent cannot be reached, AgentFailed with its code when it refuses.
+    An operation that works before it answers (a recursive delete) may take longer than the default."""
+    stream = await _open(address, op, params, answer_timeout_s)
     try:
         yield stream
     finally:
@@ -71,7 +74,9 @@ async def operation(address: AgentAddress, op: str, **params: Any) -> AsyncItera
             await stream.writer.wait_closed()
 
 
-async def _open(address: AgentAddress, op: str, params: dict[str, Any]) -> AgentStream:
+async def _open(
+    address: AgentAddress, op: str, params: dict[str, Any], answer_timeout_s: float
+) -> AgentStream:
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             reader, writer = await asyncio.open_connection(address.host, address.port)
@@ -80,7 +85,7 @@ async def _open(address: AgentAddress, op: str, params: dict[str, Any]) -> Agent
     try:
         request = {"v": protocol.VERSION, "secret": address.secret, "op": op, **params}
         writer.write(protocol.json_frame(request))
-        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+        async with asyncio.timeout(answer_timeout_s):
             first = await protocol.read_frame(reader)
     except (OSError, TimeoutError, protocol.ProtocolError) as err:
         writer.close()

@@ -17,6 +17,7 @@ from .docker_runtime import DockerRuntime
 from .egress import EgressGuard, install_at_start
 from .errors import GatewayError
 from .execute import ExecRunner
+from .files_watch import close_watches_on_shutdown
 from .keys import (
     ACTIVITY,
     DB,
@@ -24,6 +25,8 @@ from .keys import (
     DOCKER_STREAMS,
     EGRESS,
     EXEC_RUNNER,
+    FILE_STREAMS,
+    FILE_WATCHES,
     METRICS,
     PREVIEW_GATE,
     PREVIEW_HOSTS,
@@ -53,6 +56,7 @@ from .shares import ShareStore
 from .terminal import close_terminals_on_shutdown
 from .tokens import TokenVerifier
 from .upstream import UpstreamPool
+from .user_slots import UserSlots
 from .websockets import SocketRegistry
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(reaper_ctx)
     # WebSockets must close before aiohttp waits for handlers to finish, hence on_shutdown.
     app.on_shutdown.append(close_terminals_on_shutdown)
+    app.on_shutdown.append(close_watches_on_shutdown)
     setup_routes(app)
     return app
 
@@ -148,6 +153,14 @@ async def services_ctx(app: web.Application) -> AsyncIterator[None]:
     app[EXEC_RUNNER] = ExecRunner(settings.exec)
     app[PROCESS_STREAMS] = stream_slots(settings.processes.max_streams_per_user)
     app[TERMINALS] = SocketRegistry(settings.max_terminals_per_user)
+    files = settings.files
+    app[FILE_STREAMS] = UserSlots(
+        files.max_streams_per_user,
+        f"at most {files.max_streams_per_user} uploads and downloads at a time per user",
+    )
+    # Watches per user: a few pages, each with its own; the sandbox's agent bounds them per sandbox too.
+    app[FILE_WATCHES] = SocketRegistry(files.max_watches_per_sandbox)
+    app[METRICS].open_websockets.labels("files_watch").set_function(app[FILE_WATCHES].count)
     app[METRICS].open_websockets.labels("terminal").set_function(app[TERMINALS].count)
     app[ACTIVITY] = ActivityRecorder(app[SANDBOXES], settings.activity_interval_s)
     app[PREVIEW_HOSTS] = PreviewHosts(app[DB])

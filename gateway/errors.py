@@ -20,8 +20,10 @@
     ├── DockerFailed                  502 docker_error
     │   ├── SandboxStartFailed            sandbox_start_failed
     │   └── ProjectFailed                 project_failed
-    ├── AgentFailed                   the agent's code: bad_request, spawn_failed 400, not_found 404,
-    │                                 conflict 409, too_many 429, else 502
+    ├── AgentFailed                   the agent's code: bad_request, spawn_failed, bad_path 400,
+    │                                 forbidden 403, not_found 404, conflict, exists, not_empty,
+    │                                 not_a_folder, is_a_folder 409, precondition_failed 412,
+    │                                 too_large 413, too_many 429, no_space 507, else 502
     └── ServiceUnavailable            503
         ├── AgentUnavailable              agent_unavailable
         ├── CapacityExhausted             capacity_exhausted
@@ -181,6 +183,16 @@ class AgentFailed(GatewayError):
         "not_found": 404,
         "conflict": 409,
         "too_many": 429,
+        # The files operations (sandbox-image/agent/sandbox_agent/files_worker.py).
+        "exists": 409,
+        "not_empty": 409,
+        "not_a_folder": 409,
+        "is_a_folder": 409,
+        "forbidden": 403,
+        "bad_path": 400,
+        "too_large": 413,
+        "precondition_failed": 412,
+        "no_space": 507,
     }
 
     def __init__(self, code: str, message: str) -> None:

@@ -95,7 +95,7 @@ class ExecRunner:
         """Runs argv `program` as a run: stdin, output caps, timeout and the process-tree sweep."""
         output = _Output(self._settings.max_output_bytes)
         started = time.monotonic()
-        params = {
+        params: dict[str, Any] = {
             "argv": program,
             "stdin": bool(stdin),
             "timeout_ms": timeout_ms,

@@ -33,6 +33,9 @@ EXEC_RUNNER = web.AppKey("exec_runner", ExecRunner)
 # Open process output streams per user (process_api.py).
 PROCESS_STREAMS = web.AppKey("process_streams", UserSlots)
 TERMINALS = web.AppKey("terminals", SocketRegistry)
+# Uploads, downloads and archives streaming per user, and open watches (files_api.py, files_watch.py).
+FILE_STREAMS = web.AppKey("file_streams", UserSlots)
+FILE_WATCHES = web.AppKey("file_watches", SocketRegistry)
 ACTIVITY = web.AppKey("activity", ActivityRecorder)
 # Preview sessions, signed with a key from gateway_secrets.
 PREVIEW_SESSIONS = web.AppKey("preview_sessions", PreviewSessions)

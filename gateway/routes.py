@@ -10,10 +10,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import db, ratelimit
+from . import db, files_api, ratelimit
 from .admin import get_any_sandbox, list_sandboxes, stop_any_sandbox
 from .errors import GatewayError, ServiceUnavailable
 from .execute import ExecResult
+from .files_watch import watch as watch_files
 from .keys import (
     DB,
     EGRESS,
@@ -188,6 +189,16 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/api/sandbox/processes/{id}/stdin", write_stdin)
     router.add_post("/api/sandbox/processes/{id}/signal", signal_process)
     router.add_get("/api/sandbox/ports", list_ports, allow_head=False)
+    router.add_get("/api/sandbox/files", files_api.list_folder, allow_head=False)
+    router.add_delete("/api/sandbox/files", files_api.delete)
+    router.add_get("/api/sandbox/files/stat", files_api.stat, allow_head=False)
+    router.add_get("/api/sandbox/files/content", files_api.read, allow_head=False)
+    router.add_put("/api/sandbox/files/content", files_api.write)
+    router.add_post("/api/sandbox/files/folders", files_api.make_folder)
+    router.add_post("/api/sandbox/files/move", files_api.move)
+    router.add_post("/api/sandbox/files/upload", files_api.upload)
+    router.add_get("/api/sandbox/files/archive", files_api.archive, allow_head=False)
+    router.add_get("/api/sandbox/files/watch", watch_files, allow_head=False)
     router.add_get("/api/admin/sandboxes", list_sandboxes, allow_head=False)
     router.add_get("/api/admin/sandboxes/{user}", get_any_sandbox, allow_head=False)
     router.add_delete("/api/admin/sandboxes/{user}", stop_any_sandbox)

@@ -126,6 +126,25 @@ class ProcessSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FileSettings:
+    """The files API (files.py, README "Files"). Each sandbox's disk quota bounds what it may hold;
+    these bound what one call may ask of the agent and the gateway."""
+
+    # One file written (PUT, or a part of an upload): past it 413, and the file stays as it was.
+    max_write_bytes: int = 1024 * 1024 * 1024
+    # A listing's entries, and how deep a recursive one goes.
+    max_list_entries: int = 10_000
+    max_list_depth: int = 32
+    # Files in one upload.
+    max_upload_files: int = 1000
+    # Uploads, downloads and archives streaming at once per user, per gateway process.
+    max_streams_per_user: int = 8
+    # Watches at once in one sandbox (its agent enforces it), and folders one watch may follow.
+    max_watches_per_sandbox: int = 8
+    max_watch_folders: int = 8192
+
+
+@dataclass(frozen=True, kw_only=True)
 class TerminalSettings:
     """Terminals kept by each sandbox's agent (README, "The web terminal"); sent with every open."""
 
@@ -182,6 +201,7 @@ class Settings:
     activity_interval_s: float = 5.0
     exec: ExecSettings = ExecSettings()
     processes: ProcessSettings = ProcessSettings()
+    files: FileSettings = FileSettings()
     egress: EgressPolicy = EgressPolicy()
     # Where browsers reach the page and API. Previews are served on a sibling origin of the same domain
     # and port (README, "Preview isolation"), which is why the default is a name, not 127.0.0.1.
@@ -327,6 +347,15 @@ class Settings:
                 if origin.strip()
             ),
             max_terminals_per_user=_int(env, "MAX_TERMINALS_PER_USER", 5, minimum=1),
+            files=FileSettings(
+                max_write_bytes=_int(env, "FILES_MAX_WRITE_BYTES", 1024 * 1024 * 1024, minimum=0),
+                max_list_entries=_int(env, "FILES_MAX_LIST_ENTRIES", 10_000, minimum=1),
+                max_list_depth=_int(env, "FILES_MAX_LIST_DEPTH", 32, minimum=1),
+                max_upload_files=_int(env, "FILES_MAX_UPLOAD_FILES", 1000, minimum=1),
+                max_streams_per_user=_int(env, "FILES_MAX_STREAMS_PER_USER", 8, minimum=1),
+                max_watches_per_sandbox=_int(env, "FILES_MAX_WATCHES_PER_SANDBOX", 8, minimum=1),
+                max_watch_folders=_int(env, "FILES_MAX_WATCH_FOLDERS", 8192, minimum=1),
+            ),
             terminal=TerminalSettings(
                 grace_s=_int(env, "TERMINAL_GRACE_S", 300, minimum=0),
                 replay_bytes=_int(env, "TERMINAL_REPLAY_BYTES", 256 * 1024, minimum=64 * 1024),
@@ -396,6 +425,11 @@ class Settings:
             raise SettingsError("PROCESSES_MAX_BUFFER_BYTES is at most 64 MiB")
         if self.processes.max_timeout_ms > 24 * 3600 * 1000 or self.processes.retention_s > 7 * 24 * 3600:
             raise SettingsError("PROCESSES_MAX_TIMEOUT_MS is at most a day, PROCESSES_RETENTION_S a week")
+        # The agent's own ceilings (sandbox-image/agent/sandbox_agent/files_watch.py).
+        if self.files.max_watches_per_sandbox > 64 or self.files.max_watch_folders > 65_536:
+            raise SettingsError("FILES_MAX_WATCHES_PER_SANDBOX is at most 64, FILES_MAX_WATCH_FOLDERS 65536")
+        if self.files.max_list_entries > 100_000:
+            raise SettingsError("FILES_MAX_LIST_ENTRIES is at most 100000")
         if self.exec.default_timeout_ms > self.exec.max_timeout_ms:
             raise SettingsError("EXEC_DEFAULT_TIMEOUT_MS must not exceed EXEC_MAX_TIMEOUT_MS")
 

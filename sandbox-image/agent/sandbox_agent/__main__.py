@@ -16,12 +16,15 @@ import os  # noqa: E402
 import signal  # noqa: E402
 from functools import partial  # noqa: E402
 
-from . import ports, processes, relay, runs, server, terminals  # noqa: E402
+from . import files, files_watch, ports, processes, relay, runs, server, terminals  # noqa: E402
 
 # The sandbox's terminals and processes: the agent's state, which lives as long as it does.
 TERMINALS = terminals.Terminals()
 
 PROCESSES = processes.Registry()
+FILE_WORKERS = files.Workers()
+ARCHIVES = files.Archives()
+WATCHES = files_watch.Watches()
 OPERATIONS: dict[str, server.Handler] = {
     "run": runs.run,
     "connect": relay.connect,
@@ -37,6 +40,15 @@ OPERATIONS: dict[str, server.Handler] = {
     "process.attach": partial(processes.attach, PROCESSES),
     "process.input": partial(processes.input_, PROCESSES),
     "process.signal": partial(processes.signal, PROCESSES),
+    "files.stat": partial(files.short, FILE_WORKERS, "stat"),
+    "files.mkdir": partial(files.short, FILE_WORKERS, "mkdir"),
+    "files.move": partial(files.short, FILE_WORKERS, "move"),
+    "files.delete": partial(files.short, FILE_WORKERS, "delete"),
+    "files.list": partial(files.list_folder, FILE_WORKERS),
+    "files.read": partial(files.read, FILE_WORKERS),
+    "files.write": partial(files.write, FILE_WORKERS),
+    "files.archive": ARCHIVES.archive,
+    "files.watch": WATCHES.watch,
 }
 
 
@@ -72,6 +84,7 @@ async def _main() -> None:
     serving.cancel()
     await PROCESSES.stop_all()
     await TERMINALS.end_all()
+    FILE_WORKERS.end_all()
 
 
 def main() -> None:

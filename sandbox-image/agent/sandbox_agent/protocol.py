@@ -15,10 +15,14 @@ defines what follows; "connect" turns the connection into raw bytes both ways.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # Only for the types: the files worker (files_worker.py) speaks these frames over a blocking
+    # socket, and importing asyncio would be two fifths of its start.
+    import asyncio
 
 VERSION = 1
 JSON, STDIN, STDOUT, STDERR = b"J", b"0", b"1", b"2"
@@ -42,9 +46,11 @@ class OpError(Exception):
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
     """The next frame, or None at a clean end of the stream between frames."""
+    from asyncio import IncompleteReadError
+
     try:
         header = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as err:
+    except IncompleteReadError as err:
         if err.partial:
             raise ProtocolError("the stream ended inside a frame header") from None
         return None
@@ -55,7 +61,7 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None
         raise ProtocolError(f"a frame of {length} bytes is over the limit of {MAX_FRAME}")
     try:
         return kind, await reader.readexactly(length)
-    except asyncio.IncompleteReadError:
+    except IncompleteReadError:
         raise ProtocolError("the stream ended inside a frame") from None
 
 
