@@ -70,7 +70,14 @@ CLIENT_MAX_SIZE_FLOOR = 1024 * 1024
 # Idle keep-alive connections end after KEEPALIVE_S, as at the front door (aiohttp's own default is
 # 3,630 s: an hour of a descriptor for every connection a client leaves open).
 KEEPALIVE_S = 75.0
-SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False, "keepalive_timeout": KEEPALIVE_S}
+# A request line may carry a file's path in its query (the files API): 4,096 bytes of path, each
+# byte percent-encoded as three, and then some; aiohttp's default (8,190) would answer 400 in text.
+MAX_LINE_BYTES = 64 * 1024
+SERVER_OPTIONS: dict[str, Any] = {
+    "auto_decompress": False,
+    "keepalive_timeout": KEEPALIVE_S,
+    "max_line_size": MAX_LINE_BYTES,
+}
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import files
 from .errors import AgentFailed, AgentUnavailable, InvalidRequest, PayloadTooLarge, RequestTimeout
@@ -234,7 +235,7 @@ async def upload(request: web.Request) -> web.Response:
                     address, target, _part_chunks(part), options, settings.max_write_bytes
                 )
                 written.append(described)
-        except (ValueError, AssertionError) as err:
+        except (ValueError, AssertionError, HttpProcessingError) as err:
             # aiohttp's multipart reader refuses a malformed body with these.
             raise InvalidRequest(f"body: not a valid multipart body ({err})") from None
     if not written:

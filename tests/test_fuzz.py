@@ -144,6 +144,16 @@ OPERATIONS = [
     ("adminGetSandbox", 30, 80, "admin", True),
     ("adminStopSandbox", 30, 80, "admin", True),
     ("metrics", 3, 0, "metrics", False),
+    # The files API on a running sandbox: generated paths land anywhere in it, as its user.
+    ("listFiles", 25, 60, "user", True),
+    ("statFile", 20, 40, "user", True),
+    ("readFile", 25, 60, "user", True),
+    ("writeFile", 25, 60, "user", True),
+    ("deleteFile", 20, 40, "user", True),
+    ("makeFolder", 20, 60, "user", True),
+    ("moveFile", 20, 60, "user", True),
+    ("uploadFiles", 15, 40, "user", True),
+    ("downloadFolder", 10, 30, "user", True),
 ]
 
 
