@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from gateway.keys import DB
 from gateway.settings import FileSettings
 
 from .helpers import MakeClient, auth
@@ -444,3 +445,22 @@ async def test_watch_latency_and_errors(sandbox: TestClient) -> None:
         f"{FILES}/watch", headers={**auth("alice"), "Origin": "https://evil.example"}
     )
     assert response.status in (400, 403)
+
+
+async def test_writes_and_moves_count_as_activity(make_client: MakeClient) -> None:
+    client = await make_client(activity_interval_s=0.2)
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    for step in ("write", "move"):
+        async with client.app[DB].acquire() as conn:
+            await conn.execute("UPDATE sessions SET last_activity = '2000-01-01' WHERE user_id = 'alice'")
+        if step == "write":
+            await put(client, "active.txt", b"x")
+        else:
+            response = await client.post(
+                f"{FILES}/move", headers=auth("alice"), json={"from": "active.txt", "to": "moved.txt"}
+            )
+            assert response.status == 200
+        async with client.app[DB].acquire() as conn:
+            assert await conn.fetchval(
+                "SELECT last_activity > '2001-01-01' FROM sessions WHERE user_id = 'alice'"
+            )
