@@ -25,6 +25,7 @@ from .auth import check_origin
 from .errors import AgentFailed, AgentUnavailable, GatewayError
 from .files import sandbox_path
 from .keys import FILE_WATCHES, SANDBOXES, SETTINGS, USER
+from .websockets import serve_registered
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,15 @@ async def watch(request: web.Request) -> web.StreamResponse:
     check_origin(request, settings)
     path = sandbox_path(request.query.get("path"), default="/workspace")
     user = request[USER]
-    watches = request.app[FILE_WATCHES]
     ws = web.WebSocketResponse(protocols=[PROTOCOL], heartbeat=HEARTBEAT_S, max_msg_size=4096)
     await ws.prepare(request)
-    if not watches.add(user, ws):
-        await ws.close(
-            code=CloseCode.TOO_MANY_WATCHES,
-            message=f"at most {watches.max_per_user} watches per user".encode(),
-        )
-        return ws
-    try:
-        code, reason = await _serve(request, ws, user, path)
-        await ws.close(code=code, message=reason.encode()[:120])
-    finally:
-        watches.discard(user, ws)
+    await serve_registered(
+        ws,
+        request.app[FILE_WATCHES],
+        user,
+        lambda: _serve(request, ws, user, path),
+        too_many=(CloseCode.TOO_MANY_WATCHES, "watches"),
+    )
     return ws
 
 

@@ -48,6 +48,7 @@ from .errors import (
 from .keys import ACTIVITY, SANDBOXES, SETTINGS, TERMINALS, USER
 from .sandboxes import Sandboxes
 from .settings import TerminalSettings
+from .websockets import serve_registered
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +91,18 @@ async def terminal(request: web.Request) -> web.StreamResponse:
     if terminal_id is not None:
         valid_terminal_id(terminal_id)
     user = request[USER]
-    terminals = request.app[TERMINALS]
     # The client's order decides when it offers both (aiohttp takes the first of its list we speak).
     ws = web.WebSocketResponse(
         protocols=[PROTOCOL_V2, PROTOCOL_V1], heartbeat=HEARTBEAT_S, max_msg_size=1024 * 1024
     )
     await ws.prepare(request)
-    if not terminals.add(user, ws):
-        await ws.close(
-            code=CloseCode.TOO_MANY_TERMINALS,
-            message=f"at most {terminals.max_per_user} terminals per user".encode(),
-        )
-        return ws
-    try:
-        code, reason = await _serve(request, ws, user, size, terminal_id)
-        await ws.close(code=code, message=reason.encode()[:120])
-    finally:
-        terminals.discard(user, ws)
+    await serve_registered(
+        ws,
+        request.app[TERMINALS],
+        user,
+        lambda: _serve(request, ws, user, size, terminal_id),
+        too_many=(CloseCode.TOO_MANY_TERMINALS, "terminals"),
+    )
     return ws
 
 

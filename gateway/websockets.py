@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -38,3 +39,29 @@ class SocketRegistry:
             *(ws.close(code=code, message=reason.encode()) for ws in list(self._sockets)),
             return_exceptions=True,
         )
+
+
+# A close frame's reason is at most 123 bytes.
+MAX_REASON_BYTES = 120
+
+
+async def serve_registered(
+    ws: web.WebSocketResponse,
+    registry: SocketRegistry,
+    user: str,
+    serve: Callable[[], Awaitable[tuple[int, str]]],
+    *,
+    too_many: tuple[int, str],
+) -> None:
+    """Serves a prepared socket while it is registered for `user`: `serve` says how it ends (a close
+    code and reason); past the registry's bound it is closed at once with `too_many` (a code, and
+    what the user holds too many of)."""
+    if not registry.add(user, ws):
+        code, what = too_many
+        await ws.close(code=code, message=f"at most {registry.max_per_user} {what} per user".encode())
+        return
+    try:
+        code, reason = await serve()
+        await ws.close(code=code, message=reason.encode()[:MAX_REASON_BYTES])
+    finally:
+        registry.discard(user, ws)
