@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from gateway.keys import DB
 from gateway.settings import FileSettings
 
-from .helpers import MakeClient, auth
+from .helpers import MakeClient, auth, poll
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres]
 
@@ -470,3 +470,49 @@ async def test_writes_and_moves_count_as_activity(make_client: MakeClient) -> No
             assert await conn.fetchval(
                 "SELECT last_activity > '2001-01-01' FROM sessions WHERE user_id = 'alice'"
             )
+
+
+async def test_a_files_worker_the_user_killed_is_replaced(sandbox: TestClient) -> None:
+    await put(sandbox, "kept.txt", b"still here")
+    # The workers are the user's processes: the user may kill them, and loses nothing by it.
+    assert await shell(sandbox, "pkill -9 -f 'sandbox_agent[.]files_worker' && echo killed") == "killed\n"
+    assert await get(sandbox, "kept.txt") == b"still here"
+
+
+async def test_streams_and_watches_are_bounded_per_user(make_client: MakeClient) -> None:
+    client = await make_client(
+        files=replace(FileSettings(), max_streams_per_user=2, max_watches_per_sandbox=2)
+    )
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    release = asyncio.Event()
+
+    async def slow_body() -> Any:
+        yield b"a"
+        await release.wait()
+
+    uploads = []
+    for n in range(2):
+        upload = client.put(CONTENT, params={"path": f"slow{n}"}, data=slow_body(), headers=auth("alice"))
+        uploads.append(asyncio.ensure_future(upload))
+
+        async def writing(count: int = n + 1) -> bool:
+            # Each upload in flight has its temporary file in the sandbox.
+            listed = await shell(client, "ls -A /workspace | grep -c '^.sgw-' || true")
+            return listed.strip() == str(count)
+
+        await poll(writing)
+    response = await client.get(CONTENT, params={"path": "/etc/hostname"}, headers=auth("alice"))
+    assert await error_of(response, 429) == "too_many_requests"
+    # Another user is not held up by alice's streams.
+    assert (await client.post("/api/sandbox", headers=auth("bob"))).status == 201
+    assert await get(client, "/etc/hostname", user="bob")
+    release.set()
+    assert [r.status for r in await asyncio.gather(*uploads)] == [201, 201]
+
+    sockets = [await watch(client) for _ in range(2)]
+    third = await client.ws_connect(f"{FILES}/watch", headers=auth("alice"), protocols=["sandbox-files.v1"])
+    message = await third.receive(timeout=10)
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert message.data == 4029
+    for ws in sockets:
+        await ws.close()

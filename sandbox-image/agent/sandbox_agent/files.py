@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import socket
 import stat
 import sys
@@ -94,6 +95,16 @@ class Worker:
             payload += chunk
         return protocol.parse_json(bytes(payload))
 
+    def alive(self) -> bool:
+        """False once the worker is gone (the user may kill it): its socket reads as ended. An idle
+        worker sends nothing, so anything readable is its end."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            # (A socket with a timeout waits for data before any recv: hence the select first.)
+            return not readable or self.sock.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+
     def end(self) -> None:
         self.sock.close()  # the worker reads its end and exits
         spawn.kill_tagged(self.tag)
@@ -153,11 +164,14 @@ class Workers:
         async with self._freed:
             while not self._idle and self._count >= MAX_WORKERS:
                 await self._freed.wait()
-            if self._idle:
+            while self._idle:
                 worker = self._idle.pop()
                 if worker.idle_timer is not None:
                     worker.idle_timer.cancel()
-                return worker
+                if worker.alive():
+                    return worker
+                worker.end()  # killed while idle: a new one takes its place
+                self._count -= 1
             self._count += 1
         try:
             sock, tag = await start_worker()
