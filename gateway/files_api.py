@@ -141,7 +141,7 @@ async def read(request: web.Request) -> web.StreamResponse:
                 headers["Content-Disposition"] = _disposition("attachment", described["name"])
             status = 200
             if wanted is not None:
-                if reading.start >= reading.stop and size > 0:
+                if reading.start >= reading.stop:  # past the end (any range of an empty file is)
                     return web.json_response(
                         {"error": {"code": "range_not_satisfiable", "message": f"the file has {size} bytes"}},
                         status=416,

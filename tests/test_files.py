@@ -107,6 +107,13 @@ async def test_binary_content_range_and_content_type(sandbox: TestClient) -> Non
         CONTENT, params={"path": "blob.bin"}, headers={**auth("alice"), "Range": "bytes=999999-"}
     )
     assert await error_of(response, 416) == "range_not_satisfiable"
+    await put(sandbox, "empty", b"")
+    assert await get(sandbox, "empty") == b""
+    response = await sandbox.get(
+        CONTENT, params={"path": "empty"}, headers={**auth("alice"), "Range": "bytes=0-"}
+    )
+    assert await error_of(response, 416) == "range_not_satisfiable"
+    assert response.headers["Content-Range"] == "bytes */0"
     await put(sandbox, "page.html", b"<script>alert(1)</script>")
     response = await sandbox.get(
         CONTENT, params={"path": "page.html", "download": "true"}, headers=auth("alice")
