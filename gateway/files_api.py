@@ -154,9 +154,12 @@ async def read(request: web.Request) -> web.StreamResponse:
             response.content_length = length
             await response.prepare(request)
             sent = 0
-            async for chunk in reading.chunks():
-                await response.write(chunk)
-                sent += len(chunk)
+            try:
+                async for chunk in reading.chunks():
+                    await response.write(chunk)
+                    sent += len(chunk)
+            except ConnectionError:
+                return response  # the client went: nothing to finish
             if sent != length and request.transport is not None:
                 # The file shrank while it was read: the client must see a cut, not a short file.
                 log.info("a read of %s ended after %d of %d bytes", path, sent, length)
@@ -263,6 +266,8 @@ async def archive(request: web.Request) -> web.StreamResponse:
             try:
                 async for chunk in content:
                     await response.write(chunk)
+            except ConnectionError:
+                return response  # the client went: the agent's worker ends with the operation
             except (AgentFailed, AgentUnavailable) as err:
                 # Too late for a status: the client must see a cut, not a short archive.
                 log.info("an archive of %s failed midway: %s", path, err.message)

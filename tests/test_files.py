@@ -523,3 +523,19 @@ async def test_streams_and_watches_are_bounded_per_user(make_client: MakeClient)
     assert message.data == 4029
     for ws in sockets:
         await ws.close()
+
+
+async def test_a_download_the_client_drops_frees_its_slot(make_client: MakeClient) -> None:
+    client = await make_client(files=replace(FileSettings(), max_streams_per_user=1))
+    assert (await client.post("/api/sandbox", headers=auth("alice"))).status == 201
+    await shell(client, "head -c 50000000 /dev/urandom > /workspace/big.bin")
+    response = await client.get(CONTENT, params={"path": "big.bin"}, headers=auth("alice"))
+    assert response.status == 200
+    await response.content.read(65536)
+    response.close()  # gone midway, with most of the file unsent
+
+    async def free() -> bool:
+        small = await client.get(CONTENT, params={"path": "/etc/hostname"}, headers=auth("alice"))
+        return small.status == 200
+
+    await poll(free)
