@@ -73,3 +73,15 @@ async def test_preview_origin_serves_no_page_and_no_api(client: TestClient, sett
     for path in ("/", "/api/sandbox", "/api/openapi.json", "/healthz"):
         response = await client.get(path, headers={"Host": settings.preview_host, **auth("alice")})
         assert response.status == 404, path
+
+
+async def test_every_api_route_is_in_the_openapi_document(client: TestClient) -> None:
+    documented = json.loads((Path(gateway.__file__).parent / "openapi.json").read_text())["paths"]
+    missing = [
+        (route.method, route.resource.canonical)
+        for route in client.app.router.routes()
+        if route.resource is not None
+        and route.resource.canonical.startswith("/api/")
+        and route.method.lower() not in documented.get(route.resource.canonical, {})
+    ]
+    assert not missing, missing
