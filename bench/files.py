@@ -13,8 +13,12 @@ after it returns, and whatever runs next pays for it (see bench/exec.py). p50, p
 100 MB of random bytes (incompressible), up and down: through the API (the upload streamed from a
 file on the host, the download written to one), through files.write/files.read straight to the
 agent, and with the `docker cp` CLI both ways (host file to the workspace and back), in R rounds,
-each round running every path once, so each round's paths met the same minute of the machine. MB/s
-is 10^6 bytes per second; the ratio API / docker cp is given per round too (median, lowest, highest).
+each round running every path once (starting at another path each round), so each round's paths met
+the same minute of the machine. MB/s is 10^6 bytes per second; the ratio API / docker cp is given per
+round too (median, lowest, highest). With them, the CPU seconds each process on the way used
+(/proc/<pid>/stat, the sandbox's cgroup, this process's children for the CLI): on a machine of few
+cores the API's extra hops (the gateway, the docker-proxy of the agent's published port) cost
+throughput whenever something else wants the cores.
 
 Gateway memory: VmRSS of the gateway process (/proc/<pid>/status), sampled every 5 ms during a
 200 MB upload through the API, before it, at its peak and after; VmHWM (the process's high-water mark)
@@ -33,11 +37,13 @@ import asyncio
 import io
 import math
 import os
+import resource
 import statistics
 import tarfile
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +67,7 @@ RSS_BYTES = 200 * 1000 * 1000
 CHUNK = 1024 * 1024
 SANDBOX_UID = 1000
 RSS_SAMPLE_S = 0.005
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WATCHED = "/workspace/watched"
 WATCH_SPACING_S = 0.2
 WRITER = """
@@ -293,33 +300,144 @@ def random_file(path: Path, size: int) -> Path:
     return path
 
 
-async def big(box: Sandbox, scratch: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
-    """{"upload"|"download": {path: MB/s per round}}."""
+@dataclass
+class CpuMeter:
+    """CPU seconds used so far by each process a transfer goes through: this client, the docker CLI
+    (this process's children), the gateway, the docker-proxy of the agent's published port, the
+    sandbox (its container's cgroup: the agent, its files worker, the kernel's work for them) and
+    dockerd. Processes and cgroups it cannot find count as 0."""
+
+    gateway_pid: int
+    proxy_pids: list[int]
+    dockerd_pids: list[int]
+    sandbox_cgroup: Path | None
+
+    @classmethod
+    async def of(cls, box: Sandbox) -> CpuMeter:
+        info = await box.container.show()
+        proxies = [
+            pid
+            for pid in _pids_named("docker-proxy")
+            if str(box.address.port).encode() in _cmdline(pid).split(b"\0")
+        ]
+        cgroup = _cpu_cgroup(int(info["State"]["Pid"]))
+        return cls(box.gateway.pid, proxies, _pids_named("dockerd"), cgroup)
+
+    def read(self) -> dict[str, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {
+            "client": _cpu_of_pid(os.getpid()),
+            "docker CLI": children.ru_utime + children.ru_stime,
+            "gateway": _cpu_of_pid(self.gateway_pid),
+            "docker-proxy": sum(map(_cpu_of_pid, self.proxy_pids)),
+            "sandbox": _cgroup_cpu(self.sandbox_cgroup) if self.sandbox_cgroup else 0.0,
+            # A docker cp's tar and untar run in a child of dockerd's (docker-untar, up to Docker 23).
+            "dockerd": sum(_cpu_of_pid(pid, children=True) for pid in self.dockerd_pids),
+        }
+
+
+def _pids_named(name: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        with suppress(OSError):
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == name:
+                found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _cpu_of_pid(pid: int, *, children: bool = False) -> float:
+    """utime and stime, and with children those of its children it has waited for."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(field) for field in fields[11 : 15 if children else 13])
+    return ticks / CLOCK_TICKS
+
+
+def _cpu_cgroup(pid: int) -> Path | None:
+    """The container's cgroup that counts CPU: v1's cpuacct, else v2's unified one."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "cpuacct" in controllers.split(","):
+            for mount in ("cpuacct", "cpu,cpuacct"):
+                if (candidate := Path("/sys/fs/cgroup", mount, path.lstrip("/"))).is_dir():
+                    return candidate
+    for line in lines:
+        if line.startswith("0::") and (candidate := Path("/sys/fs/cgroup", line[3:].lstrip("/"))).is_dir():
+            return candidate
+    return None
+
+
+def _cgroup_cpu(cgroup: Path) -> float:
+    if (usage := cgroup / "cpuacct.usage").exists():
+        return int(usage.read_text()) / 1e9
+    for line in (cgroup / "cpu.stat").read_text().splitlines():
+        if line.startswith("usage_usec "):
+            return int(line.split()[1]) / 1e6
+    return 0.0
+
+
+@dataclass
+class Transfers:
+    rates: dict[str, dict[str, list[float]]]  # {"upload"|"download": {path: MB/s per round}}
+    cpu: dict[str, dict[str, list[dict[str, float]]]]  # the same, CPU seconds per process
+
+
+async def big(box: Sandbox, scratch: Path, rounds: int) -> Transfers:
     source = random_file(scratch / "big.bin", BIG_BYTES)
     inside = "/workspace/bench-big.bin"
     await api_upload(box, source, inside)
-    rates: dict[str, dict[str, list[float]]] = {"upload": {}, "download": {}}
+    meter = await CpuMeter.of(box)
+    found = Transfers(
+        {direction: {name: [] for name in BIG_PATHS} for direction in ("upload", "download")},
+        {direction: {name: [] for name in BIG_PATHS} for direction in ("upload", "download")},
+    )
+
+    async def timed(direction: str, name: str, round_: int, run: Awaitable[None]) -> None:
+        before, started = meter.read(), time.perf_counter()
+        await run
+        elapsed, after = time.perf_counter() - started, meter.read()
+        if round_:
+            found.rates[direction][name].append(BIG_BYTES / elapsed / 1e6)
+            used = {part: after[part] - before[part] for part in after}
+            found.cpu[direction][name].append(used)
+
+    names = list(BIG_PATHS)
     for round_ in range(rounds + 1):  # round 0 warms every path and is not kept
-        for name, (upload, download) in BIG_PATHS.items():
+        # Each round starts at another path: whatever one leaves behind (dirty pages being written
+        # back, the engine's clean-up after a docker cp) falls on each path in turn.
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            upload, download = BIG_PATHS[name]
             target = f"/workspace/bench-up-{name.split()[0].lower()}.bin"
-            started = time.perf_counter()
-            await upload(box, source, target)
-            up = time.perf_counter() - started
+            await timed("upload", name, round_, upload(box, source, target))
             assert (await files.stat(box.address, target))["size"] == BIG_BYTES, name
             landed = scratch / "down.bin"
-            started = time.perf_counter()
-            await download(box, inside, landed)
-            down = time.perf_counter() - started
+            await timed("download", name, round_, download(box, inside, landed))
             assert landed.stat().st_size == BIG_BYTES, name
             landed.unlink()
             await files.delete(box.address, target, False)
-            if round_:
-                rates["upload"].setdefault(name, []).append(BIG_BYTES / up / 1e6)
-                rates["download"].setdefault(name, []).append(BIG_BYTES / down / 1e6)
     assert await agent_read(box, inside) == source.read_bytes()
     await files.delete(box.address, inside, False)
     source.unlink()
-    return rates
+    return found
+
+
+def cpu_table(title: str, rows: dict[str, list[dict[str, float]]]) -> None:
+    parts = list(next(iter(rows.values()))[0])
+    print(f"\n{title}")
+    print(f"  {'':<26}" + "".join(f"{part:>13}" for part in parts) + f"{'all':>8}")
+    for name, used in rows.items():
+        medians = [statistics.median(u[part] for u in used) for part in parts]
+        print(f"  {name:<26}" + "".join(f"{m:>13.2f}" for m in medians) + f"{sum(medians):>8.2f}")
 
 
 def rate_table(title: str, rows: dict[str, list[float]], baseline: str) -> None:
@@ -431,13 +549,15 @@ async def main(runs: int, rounds: int, watches: int) -> None:
         with tempfile.TemporaryDirectory(prefix="bench-files-") as scratch:
             small_samples = await small(box, runs)
             memory = await rss_during_upload(box, Path(scratch))
-            rates = await big(box, Path(scratch), rounds)
+            transfers = await big(box, Path(scratch), rounds)
         watch = await watch_latency(box, watches)
     baselines = ("docker exec cat", "docker cp (archive API)")
     for op in ("write", "read"):
         latency_table(f"1 KiB {op} (in alternating blocks of {BLOCK})", small_samples[op], baselines)
     for direction in ("upload", "download"):
-        rate_table(f"100 MB {direction} ({rounds} rounds)", rates[direction], "docker cp (CLI)")
+        rate_table(f"100 MB {direction} ({rounds} rounds)", transfers.rates[direction], "docker cp (CLI)")
+    for direction in ("upload", "download"):
+        cpu_table(f"CPU seconds per 100 MB {direction}, by process (median)", transfers.cpu[direction])
     print(
         f"\ngateway VmRSS during a 200 MB upload through the API ({memory['mb_s']:.0f} MB/s,"
         f" {memory['samples']:.0f} samples): before {memory['before']:.1f} MiB,"
