@@ -1,50 +1,96 @@
-// Wires the page: sign-in, sandbox state, the editor and Run, the terminal and the preview.
+// Wires the page: sign-in and the sandbox's state, the file tree and its watch, the editor's tabs
+// and Run, the terminal tabs and the preview. Each of those is a module of its own; this one only
+// says what follows what.
 import "./style.css";
-import { ApiError, call, storeToken, storedToken, takeTokenFromFragment, userOf } from "./api.js";
+import { ApiError, call, describe, storeToken, storedToken, takeTokenFromFragment, userOf } from "./api.js";
 import { CodeEditor } from "./editor.js";
-import { SandboxTerminal } from "./terminal.js";
+import { FileTree, ROOT } from "./files.js";
+import { showShares, wirePreview } from "./preview.js";
+import { Runner, runtimeOf } from "./run.js";
+import { Tabs } from "./tabs.js";
+import { TerminalTabs } from "./terminals.js";
+import { FileWatch } from "./watch.js";
 
 const $ = (id) => document.getElementById(id);
 const STATE_POLL_MS = 10_000;
-
-const editor = new CodeEditor($("editor"), $("language").value);
-const terminal = new SandboxTerminal($("terminal"), (status) => ($("terminal-status").textContent = status));
-let sandbox = null;
+const SIGNED_IN_CONTROLS = ["run", "save", "connect", "new-terminal", "preview-reload", "preview-port", "create-project", "share"];
+const FILE_CONTROLS = ["new-file", "new-folder", "upload", "rename", "delete", "download"];
 
 function notify(message) {
   $("notice").textContent = message ?? "";
 }
 
-function describe(error) {
-  return error instanceof ApiError ? `${error.message} (${error.code})` : String(error);
-}
+const editor = new CodeEditor($("editor"), {
+  onSave: () => tabs.save(),
+  onRun: () => runActive(),
+  onChange: () => tabs.edited(),
+});
+const tabs = new Tabs({ bar: $("tabs"), notice: $("file-notice"), language: $("language") }, editor, notify);
+const tree = new FileTree($("files"), {
+  onOpen: (path) => tabs.open(path),
+  onMoved: (from, to) => tabs.moved(from, to),
+  onDeleted: (path) => tabs.changedOnDisk({ event: "deleted", path }),
+  notify,
+});
+const watch = new FileWatch(ROOT, {
+  // A (re)connected watch missed what changed meanwhile: list the folders shown again.
+  onReady: () => tree.load().then(() => tabs.tabs.forEach((tab) => tab.path && tabs.recheck(tab))),
+  onChanges: (changes) => {
+    tree.changed(changes);
+    for (const change of changes) tabs.changedOnDisk(change);
+  },
+});
+const terminals = new TerminalTabs({ bar: $("terminal-tabs"), panes: $("terminal"), status: $("terminal-status") });
+const runner = new Runner({ stdout: $("stdout"), stderr: $("stderr"), status: $("run-status") }, (running) => {
+  $("run").textContent = running ? "Stop" : "Run";
+});
+let sandbox = null;
 
 function showSignedIn(token) {
   const user = token ? userOf(token) : null;
   $("sign-in").hidden = Boolean(user);
   $("account").hidden = !user;
   $("user").textContent = user ?? "";
-  for (const id of ["run", "connect", "preview-reload", "preview-port", "create-project", "share"]) $(id).disabled = !user;
+  for (const id of SIGNED_IN_CONTROLS) $(id).disabled = !user;
 }
 
-function showSandbox(next) {
+const STOPPED_MESSAGES = {
+  signedOut: "Sign in with your token above.",
+  none: "You have no sandbox yet. Start makes one: a container of your own, whose /workspace is kept between starts.",
+  stopped: "Your sandbox is stopped. Start brings it back with its files; the tabs you left unsaved are still here.",
+  starting: "Starting your sandbox…",
+};
+
+// Everything that shows the sandbox follows its state: the tree and its watch, the terminals.
+function showSandbox(next, { signedIn = true } = {}) {
+  const wasRunning = sandbox?.state === "running";
   sandbox = next;
   const state = next?.state ?? "none";
+  const running = state === "running";
   $("state").textContent = state;
   $("state").dataset.state = state;
-  $("start").disabled = state === "running";
-  $("stop").disabled = state !== "running";
+  $("start").disabled = running;
+  $("stop").disabled = !running;
   if (next?.preview_url) $("preview-link").href = next.preview_url;
   $("preview-hint").dataset.state = state;
   if (state === "stopped") $("preview-hint").textContent = "Your sandbox is stopped: Start brings it back with its files.";
+  $("stopped").hidden = running;
+  $("stopped-message").textContent = STOPPED_MESSAGES[signedIn ? state : "signedOut"] ?? `Your sandbox is ${state}.`;
+  $("start-again").hidden = !signedIn || running;
+  for (const id of FILE_CONTROLS) $(id).disabled = !running;
+  if (running && !watch.open) watch.start();
+  if (running && !terminals.connected) terminals.restore();
+  if (running && !wasRunning) tabs.reopen();
+  if (!running) {
+    watch.stop();
+    tree.clear();
+  }
 }
 
 async function refreshState() {
   if (!storedToken()) return;
   try {
     showSandbox(await call("GET", "/api/sandbox"));
-    // After a reload: back to this tab's terminal, whose shell kept running in the sandbox.
-    if (sandbox.state === "running" && terminal.storedId && !terminal.socket) terminal.connect(storedToken());
   } catch (error) {
     if (error instanceof ApiError && error.code === "sandbox_not_found") showSandbox(null);
     else if (error instanceof ApiError && error.status === 401) signOut("Your token was refused: sign in again.");
@@ -61,11 +107,39 @@ function signIn(token) {
 }
 
 function signOut(message) {
-  terminal.disconnect();
+  terminals.disconnect({ forget: true });
+  watch.stop();
   storeToken(null);
   showSignedIn(null);
-  showSandbox(null);
+  showSandbox(null, { signedIn: false });
   notify(message);
+}
+
+async function start() {
+  $("start").disabled = $("start-again").disabled = true;
+  $("state").textContent = "starting";
+  $("stopped-message").textContent = STOPPED_MESSAGES.starting;
+  try {
+    showSandbox(await call("POST", "/api/sandbox"));
+    notify("");
+  } catch (error) {
+    notify(describe(error));
+    await refreshState();
+  } finally {
+    $("start-again").disabled = false;
+  }
+}
+
+// Run: the scratch buffer with its language, or the active file (saved first) by its extension,
+// in its own folder. While it runs, the button stops it.
+async function runActive() {
+  if (runner.running) return runner.stop();
+  const tab = tabs.active;
+  if (!tab.path) return runner.run({ language: tab.runtime, code: tabs.text(tab) });
+  const runtime = runtimeOf(tab.path);
+  if (!runtime) return runner.status(`Run knows .js (node), .py (python3) and .sh (bash) files; ${tab.name} is none`, false);
+  if (editor.isDirty(tab.document) && !(await tabs.save(tab))) return;
+  await runner.run({ argv: [runtime, tab.path], cwd: tab.path.slice(0, tab.path.lastIndexOf("/")) });
 }
 
 $("sign-in").addEventListener("submit", (event) => {
@@ -75,22 +149,9 @@ $("sign-in").addEventListener("submit", (event) => {
   $("token").value = "";
   signIn(token);
 });
-
 $("sign-out").addEventListener("click", () => signOut(""));
-
-$("start").addEventListener("click", async () => {
-  $("start").disabled = true;
-  $("state").textContent = "starting";
-  try {
-    showSandbox(await call("POST", "/api/sandbox"));
-    notify("");
-    terminal.connect(storedToken());
-  } catch (error) {
-    notify(describe(error));
-    await refreshState();
-  }
-});
-
+$("start").addEventListener("click", start);
+$("start-again").addEventListener("click", start);
 $("stop").addEventListener("click", async () => {
   $("stop").disabled = true;
   try {
@@ -101,147 +162,37 @@ $("stop").addEventListener("click", async () => {
   await refreshState();
 });
 
-$("connect").addEventListener("click", () => terminal.connect(storedToken()));
+$("language").addEventListener("change", () => tabs.setRuntime($("language").value));
+$("save").addEventListener("click", () => tabs.save());
+$("run").addEventListener("click", runActive);
 
-$("language").addEventListener("change", () => editor.setLanguage($("language").value));
-
-$("run").addEventListener("click", async () => {
-  $("run").disabled = true;
-  $("run-status").textContent = "running…";
-  for (const id of ["stdout", "stderr"]) $(id).textContent = "";
-  try {
-    const result = await call("POST", "/api/sandbox/exec", { language: $("language").value, code: editor.code });
-    $("stdout").textContent = result.stdout;
-    $("stderr").textContent = result.stderr;
-    const flags = [result.timed_out && "timed out", result.truncated && "output truncated"].filter(Boolean);
-    $("run-status").textContent =
-      `exit code ${result.exit_code} in ${result.duration_ms} ms` + (flags.length ? ` (${flags.join(", ")})` : "");
-    $("run-status").dataset.ok = String(result.exit_code === 0 && !result.timed_out);
-  } catch (error) {
-    $("run-status").textContent = describe(error);
-    $("run-status").dataset.ok = "false";
-  } finally {
-    $("run").disabled = false;
-  }
+$("new-file").addEventListener("click", () => tree.newFile());
+$("new-folder").addEventListener("click", () => tree.newFolder());
+$("rename").addEventListener("click", () => tree.rename());
+$("delete").addEventListener("click", () => tree.remove());
+$("download").addEventListener("click", () => tree.download());
+$("upload").addEventListener("change", async () => {
+  await tree.upload([...$("upload").files].map((file) => ({ file, name: file.name })));
+  $("upload").value = "";
 });
 
-// Browsers send no Authorization header from an iframe: a one-minute login link on the sandbox's own
-// preview origin trades for an HttpOnly cookie of that origin, then redirects to the preview itself.
-// Another port of the sandbox has an origin (and a cookie) of its own: its login link comes with {port}.
-let previewPort = null; // null: 5173, at the sandbox's own origin
+$("new-terminal").addEventListener("click", () => terminals.open());
+$("connect").addEventListener("click", () => terminals.reconnect());
+wirePreview(notify);
 
-async function previewSession() {
-  const session = await call("POST", "/api/sandbox/preview-session", previewPort ? { port: previewPort } : undefined);
-  return previewPort
-    ? { login: session.port_login_url, url: session.port_url }
-    : { login: session.login_url, url: session.preview_url };
-}
-
-async function showPreview() {
-  try {
-    const session = await previewSession();
-    $("preview").src = session.login;
-    $("preview-link").href = session.url;
-  } catch (error) {
-    notify(describe(error));
-  }
-  showPorts();
-}
-
-// The ports that listen in the sandbox, offered in the preview pane; 5173 is always there.
-async function showPorts() {
-  let ports = [];
-  try {
-    ({ ports } = await call("GET", "/api/sandbox/ports"));
-  } catch {
-    return; // no running sandbox: the list stays as it was
-  }
-  const options = [new Option("5173", "")];
-  for (const { port, process } of ports) {
-    if (port === 5173) continue;
-    const command = process?.command ? ` ${process.command.split(" ")[0].split("/").pop()}` : "";
-    options.push(new Option(`${port}${command}`, String(port)));
-  }
-  const chosen = previewPort === null ? "" : String(previewPort);
-  if (!options.some((option) => option.value === chosen)) options.push(new Option(`${chosen} (closed)`, chosen));
-  $("preview-port").replaceChildren(...options);
-  $("preview-port").value = chosen;
-}
-
-$("preview-reload").addEventListener("click", showPreview);
-$("preview-port").addEventListener("focus", showPorts);
-$("preview-port").addEventListener("change", () => {
-  previewPort = $("preview-port").value ? Number($("preview-port").value) : null;
-  showPreview();
-});
-
-// A new tab has no cookie of the preview origin until it logs in too: open it through a fresh link.
-$("preview-link").addEventListener("click", async (event) => {
-  event.preventDefault();
-  const tab = window.open("about:blank", "_blank");
-  try {
-    const session = await previewSession();
-    if (tab) tab.location.href = session.login;
-  } catch (error) {
-    tab?.close();
-    notify(describe(error));
+// Ctrl/Cmd-S outside the editor too (the tree, the output) saves, rather than saving the page.
+document.addEventListener("keydown", (event) => {
+  if ((event.ctrlKey || event.metaKey) && event.key === "s") {
+    event.preventDefault();
+    tabs.save();
   }
 });
-
-async function showShares() {
-  const { shares } = await call("GET", "/api/sandbox/shares");
-  const list = $("share-list");
-  list.replaceChildren();
-  for (const share of shares) {
-    const item = document.createElement("li");
-    const until = new Date(share.expires_at).toLocaleString();
-    const revoke = document.createElement("button");
-    revoke.textContent = "Revoke";
-    revoke.className = "quiet";
-    revoke.addEventListener("click", async () => {
-      await call("DELETE", `/api/sandbox/shares/${encodeURIComponent(share.id)}`);
-      $("share-new").hidden = true;
-      await showShares();
-    });
-    item.append(`Share link ${share.id}, until ${until}`, revoke);
-    list.append(item);
-  }
-  $("shares").hidden = shares.length === 0;
-}
-
-$("share").addEventListener("click", async () => {
-  try {
-    const share = await call("POST", "/api/sandbox/shares", { expires_in_s: 86400 });
-    $("share-url").value = share.url;
-    $("share-new").hidden = false;
-    await showShares();
-    $("share-url").select();
-  } catch (error) {
-    notify(describe(error));
-  }
-});
-
-$("new-project").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  $("create-project").disabled = true;
-  $("preview-hint").textContent = "Creating the project and installing its dependencies…";
-  try {
-    const project = await call("POST", "/api/sandbox/projects", {
-      template: $("template").value,
-      name: $("project-name").value,
-      start: true,
-    });
-    $("preview-hint").textContent = `${project.path} created; its dev server logs to ${project.dev_server_log}.`;
-    // The dev server takes a moment to listen: show the preview once it answers.
-    setTimeout(showPreview, 1500);
-  } catch (error) {
-    $("preview-hint").textContent = describe(error);
-  } finally {
-    $("create-project").disabled = false;
-  }
+window.addEventListener("beforeunload", (event) => {
+  if (tabs.dirtyTabs().some((tab) => tab.path)) event.preventDefault();
 });
 
 const handedOver = takeTokenFromFragment();
 if (handedOver) signIn(handedOver);
-else showSignedIn(storedToken()), refreshState();
+else if (storedToken()) showSignedIn(storedToken()), refreshState();
+else showSignedIn(null), showSandbox(null, { signedIn: false });
 setInterval(refreshState, STATE_POLL_MS);
