@@ -173,8 +173,8 @@ export class FileTree {
     try {
       await request("POST", withQuery(`${FILES}/upload`, { path: folder }), { body: form });
       this.notify("");
-      await this.showPath(folder === ROOT ? ROOT : folder);
-      if (!this.listed.has(folder)) await this.refresh(folder);
+      await this.showPath(folder);
+      await this.refresh(folder);
     } catch (error) {
       this.notify(describe(error));
     }

@@ -182,7 +182,7 @@ wirePreview(notify);
 
 // Ctrl/Cmd-S outside the editor too (the tree, the output) saves, rather than saving the page.
 document.addEventListener("keydown", (event) => {
-  if ((event.ctrlKey || event.metaKey) && event.key === "s") {
+  if ((event.ctrlKey || event.metaKey) && event.key === "s" && !event.defaultPrevented) {
     event.preventDefault();
     tabs.save();
   }

@@ -107,6 +107,8 @@ export class Tabs {
   async save(tab = this.active, { overwrite = false } = {}) {
     if (!tab) return false;
     if (!tab.path) return this.saveAs(tab);
+    // One save of a tab at a time: a second must send the etag the first one brings back.
+    while (tab.saving) await tab.saving;
     const snapshot = this.editor.snapshot(tab.document);
     const headers = { "Content-Type": "application/octet-stream" };
     if (tab.etag && !overwrite && tab.disk !== "deleted") headers["If-Match"] = tab.etag;
@@ -165,7 +167,9 @@ export class Tabs {
   // What the watch reports (watch.js): a change of `path`, or of anything under it for a
   // coalesced "changed" of a folder.
   async changedOnDisk(change) {
-    if (change.event === "moved") return this.moved(change.from, change.path);
+    // A move's tabs follow it; a file that another took the place of (`sed -i`, an editor's save
+    // through a temporary file) is rechecked as any change is.
+    if (change.event === "moved") this.moved(change.from, change.path);
     const affected = this.tabs.filter((tab) => tab.path && isUnder(tab.path, change.path));
     await Promise.all(affected.map((tab) => this.recheck(tab)));
   }
