@@ -12,19 +12,26 @@ import asyncio
 import logging
 import mimetypes
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
-from urllib.parse import quote
+from typing import Any, Literal
+from urllib.parse import quote, urlencode
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import files
-from .errors import AgentFailed, AgentUnavailable, InvalidRequest, PayloadTooLarge, RequestTimeout
+from . import db, file_links, files
+from .errors import (
+    AgentFailed,
+    AgentUnavailable,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+)
 from .files import FolderBody, MoveBody, WriteOptions, sandbox_path
-from .keys import FILE_STREAMS, SANDBOXES, SETTINGS, USER
-from .schemas import check_identity_coding, parse_body
+from .keys import DB, FILE_STREAMS, PREVIEW_SESSIONS, SANDBOXES, SETTINGS, USER
+from .schemas import StrictModel, check_identity_coding, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ CONTENT_HEADERS = {
     "Cache-Control": "private, no-cache",
 }
 ARCHIVE_TYPES = {"zip": "application/zip", "tar": "application/x-tar"}
+DOWNLOAD_PATH = "/api/sandbox/files/download"
 
 
 def _flag(request: web.Request, name: str, default: bool = False) -> bool:
@@ -120,10 +128,11 @@ def _disposition(kind: str, name: str) -> str:
 
 
 async def read(request: web.Request) -> web.StreamResponse:
-    path = _path(request)
-    download = _flag(request, "download")
+    return await _send_file(request, request[USER], _path(request), download=_flag(request, "download"))
+
+
+async def _send_file(request: web.Request, user: str, path: str, *, download: bool) -> web.StreamResponse:
     wanted = _requested_range(request)
-    user = request[USER]
     async with request.app[FILE_STREAMS].slot(user):
         address = await request.app[SANDBOXES].agent(user)
         start, stop = (wanted.start, wanted.stop) if wanted else (None, None)
@@ -251,7 +260,10 @@ async def archive(request: web.Request) -> web.StreamResponse:
     form = request.query.get("format", "zip")
     if form not in ARCHIVE_TYPES:
         raise InvalidRequest("format: zip or tar")
-    user = request[USER]
+    return await _send_archive(request, request[USER], path, form)
+
+
+async def _send_archive(request: web.Request, user: str, path: str, form: str) -> web.StreamResponse:
     name = path.rstrip("/").rsplit("/", 1)[-1] or "root"
     async with request.app[FILE_STREAMS].slot(user):
         address = await request.app[SANDBOXES].agent(user)
@@ -276,3 +288,50 @@ async def archive(request: web.Request) -> web.StreamResponse:
                 return response
             await response.write_eof()
             return response
+
+
+class DownloadLinkBody(StrictModel):
+    path: str
+    # How a folder is sent; a file is sent as it is.
+    format: Literal["zip", "tar"] = "zip"
+
+
+async def download_link(request: web.Request) -> web.Response:
+    """POST {path, format?}: a one-use, one-minute link that downloads the file, or the folder as an
+    archive, with no token (file_links.py): what a browser can save to disk as it streams."""
+    body = await parse_body(request, DownloadLinkBody)
+    path = sandbox_path(body.path)
+    user = request[USER]
+    address = await request.app[SANDBOXES].agent(user)
+    # Said now, while the page can show it, rather than as a failed download: the path must be there
+    # and the sandbox's user must be able to read it.
+    described = await files.stat(address, path)
+    form: file_links.Form
+    if described["kind"] == "folder":
+        await files.list_folder(address, path, 1, 1)
+        form = body.format
+    else:
+        async with files.read(address, path, 0, 0) as reading:
+            described, form = reading.entry, "file"
+    token, expires = file_links.sign(user, path, form, request.app[PREVIEW_SESSIONS].key)
+    return web.json_response(
+        {
+            "url": f"{DOWNLOAD_PATH}?{urlencode({'ticket': token})}",
+            "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+            "entry": described,
+        },
+        status=201,
+    )
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """GET ?ticket=: what a download link allows, once. A public route: the ticket authenticates."""
+    link = file_links.verified(request.query.get("ticket", ""), request.app[PREVIEW_SESSIONS].key)
+    if link is None:
+        raise Unauthorized("the download link is invalid or has expired: download from the page again")
+    async with db.connection(request.app[DB]) as conn:
+        if not await db.use_ticket(conn, link.id, link.expires):
+            raise Unauthorized("this download link was used already: download from the page again")
+    if link.form == "file":
+        return await _send_file(request, link.user, link.path, download=True)
+    return await _send_archive(request, link.user, link.path, link.form)

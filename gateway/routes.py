@@ -199,6 +199,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_post("/api/sandbox/files/upload", files_api.upload)
     router.add_get("/api/sandbox/files/archive", files_api.archive, allow_head=False)
     router.add_get("/api/sandbox/files/watch", watch_files, allow_head=False)
+    router.add_post("/api/sandbox/files/download-link", files_api.download_link)
     router.add_get("/api/admin/sandboxes", list_sandboxes, allow_head=False)
     router.add_get("/api/admin/sandboxes/{user}", get_any_sandbox, allow_head=False)
     router.add_delete("/api/admin/sandboxes/{user}", stop_any_sandbox)
@@ -216,6 +217,8 @@ def setup_routes(app: web.Application) -> None:
         router.add_get(ROOT_LOGIN_PATH, root_login, allow_head=False),
         router.add_get(SHARE_PATH, open_share, allow_head=False),
         router.add_post(START_PATH, wake),
+        # A download link's ticket is its own authentication: file_links.py.
+        router.add_get(files_api.DOWNLOAD_PATH, files_api.download, allow_head=False),
     ]
     # The page's own files hold no secrets; the API calls they make carry the token.
     if PAGE_DIR.is_dir():

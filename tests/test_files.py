@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.keys import DB
+from gateway import file_links, preview_sessions
+from gateway.keys import DB, PREVIEW_SESSIONS
 from gateway.settings import FileSettings
 
 from .helpers import MakeClient, auth, poll
@@ -350,6 +351,63 @@ async def test_upload_several_files_and_download_a_folder(sandbox: TestClient) -
         member = tar.extractfile("up/one.txt")
         assert member is not None
         assert member.read() == b"one"
+
+
+async def test_a_download_link_works_once_for_its_path_without_a_token(sandbox: TestClient) -> None:
+    await put(sandbox, "dl/ünï file.txt", b"\x00link bytes", parents="true")
+    await put(sandbox, "dl/inner/two.txt", b"two", parents="true")
+
+    async def link(path: str, **body: str) -> str:
+        response = await sandbox.post(
+            f"{FILES}/download-link", json={"path": path, **body}, headers=auth("alice")
+        )
+        assert response.status == 201, await response.text()
+        return str((await response.json())["url"])
+
+    # A file: its bytes as an attachment, with no Authorization header; then never again.
+    url = await link("dl/ünï file.txt")
+    assert url.startswith(f"{FILES}/download?ticket=")
+    response = await sandbox.get(url)
+    assert response.status == 200, await response.text()
+    assert await response.read() == b"\x00link bytes"
+    assert response.headers["Content-Disposition"].startswith("attachment;")
+    assert "sandbox" in response.headers["Content-Security-Policy"]
+    assert await error_of(await sandbox.get(url), 401) == "unauthorized"
+
+    # A folder: an archive, zip unless asked for a tar.
+    response = await sandbox.get(await link("dl"))
+    assert response.headers["Content-Type"] == "application/zip"
+    assert zipfile.ZipFile(io.BytesIO(await response.read())).read("dl/inner/two.txt") == b"two"
+    response = await sandbox.get(await link("dl", format="tar"))
+    with tarfile.open(fileobj=io.BytesIO(await response.read())) as archive:
+        assert "dl/inner/two.txt" in archive.getnames()
+
+    # Asked for what is not there, or not the user's to read: said at once, no link.
+    missing = await sandbox.post(f"{FILES}/download-link", json={"path": "nope"}, headers=auth("alice"))
+    assert await error_of(missing, 404) == "not_found"
+    shadow = await sandbox.post(f"{FILES}/download-link", json={"path": "/etc/shadow"}, headers=auth("alice"))
+    assert await error_of(shadow, 403) == "forbidden"
+    bad = await sandbox.post(
+        f"{FILES}/download-link", json={"path": "dl", "format": "rar"}, headers=auth("alice")
+    )
+    assert await error_of(bad, 400) == "invalid_request"
+    anonymous = await sandbox.post(f"{FILES}/download-link", json={"path": "dl"})
+    assert await error_of(anonymous, 401) == "unauthorized"
+
+    # Forged, tampered or expired tickets open nothing.
+    key = sandbox.app[PREVIEW_SESSIONS].key
+    expired, _ = file_links.sign("alice", "/workspace/dl/inner/two.txt", "file", key, lifetime_s=-5)
+    forged, _ = file_links.sign("alice", "/workspace/dl/inner/two.txt", "file", b"not the key" * 4)
+    valid = (await link("dl/inner/two.txt")).split("ticket=", 1)[1]
+    head, claims, signature = valid.split(".")
+    for ticket in (expired, forged, f"{head}.{claims}x.{signature}", "", "garbage"):
+        response = await sandbox.get(f"{FILES}/download", params={"ticket": ticket})
+        assert await error_of(response, 401) == "unauthorized", ticket
+    # A preview login ticket, signed with the same key, is not a download link.
+    preview, _ = file_links.sign("alice", "/workspace/dl/inner/two.txt", "file", key)
+    as_preview = preview_sessions.sign("alice", preview_sessions.TICKET_AUDIENCE, 60, key)
+    assert await error_of(await sandbox.get(f"{FILES}/download", params={"ticket": as_preview}), 401)
+    assert (await sandbox.get(f"{FILES}/download", params={"ticket": preview})).status == 200
 
 
 async def test_another_user_sees_only_their_own_files(sandbox: TestClient) -> None:

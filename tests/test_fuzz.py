@@ -154,6 +154,9 @@ OPERATIONS = [
     ("moveFile", 20, 60, "user", True),
     ("uploadFiles", 15, 40, "user", True),
     ("downloadFolder", 10, 30, "user", True),
+    ("createDownloadLink", 20, 60, "user", True),
+    # Not "download": its ticket is its authentication, so every generated request is a 401;
+    # test_files.py tries forged, tampered, expired and spent ones.
 ]
 
 

@@ -245,6 +245,13 @@ async def test_drop_upload_rename_delete_and_download_a_folder(
     await expect(row(page, "/workspace/site/home.html")).to_be_visible(timeout=10_000)
     await expect(tab(page, "/workspace/site/home.html")).to_be_visible()
     assert await file_text(client, "site/home.html") == "<h1>hi</h1>"
+    # A file downloads as itself (through a one-use link: the browser streams it to disk).
+    async with page.expect_download() as waiting:
+        await page.click("#download")
+    download = await waiting.value
+    assert download.suggested_filename == "home.html"
+    saved = await download.path()
+    assert await asyncio.to_thread(saved.read_bytes) == b"<h1>hi</h1>"
 
     # Delete asks first; cancelled, nothing goes; confirmed, the folder goes.
     await row(page, "/workspace/site").click()

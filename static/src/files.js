@@ -144,21 +144,16 @@ export class FileTree {
     }
   }
 
-  // A download goes through fetch, which can send the token, then to the browser's downloads as a
-  // blob: the browser holds it in memory meanwhile (README, "The page").
+  // A navigation carries no token, so the gateway gives a one-use, one-minute link first; the
+  // browser then streams the file (or the folder's zip) to disk, holding none of it.
   async download() {
-    const { path, kind } = this.selected ?? { path: ROOT, kind: "folder" };
-    const url =
-      kind === "folder"
-        ? withQuery(`${FILES}/archive`, { path, format: "zip" })
-        : withQuery(`${FILES}/content`, { path, download: true });
+    const { path } = this.selected ?? { path: ROOT };
     try {
-      const blob = await (await request("GET", url)).blob();
+      const { url } = await call("POST", `${FILES}/download-link`, { path, format: "zip" });
       const link = document.createElement("a");
-      link.href = URL.createObjectURL(blob);
-      link.download = kind === "folder" ? `${nameOf(path) || "workspace"}.zip` : nameOf(path);
+      link.href = url;
+      link.download = ""; // the name the gateway gives (Content-Disposition)
       link.click();
-      setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
     } catch (error) {
       this.notify(describe(error));
     }
