@@ -12,6 +12,7 @@ tag, spawn.py), and ends it too when the gateway's connection goes: no run outli
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from . import programs, protocol
 from .programs import MAX_TIMEOUT_MS, Program
 from .protocol import OpError
 from .server import Connection
+
+log = logging.getLogger(__name__)
 
 # Output past the cap is read and dropped no faster than this: a flood (`cat /dev/zero`) then waits on
 # its full pipe instead of keeping the agent busy copying what nobody gets, and a program that prints
@@ -84,7 +87,11 @@ async def run(connection: Connection, request: dict[str, Any]) -> None:
         gateway = asyncio.ensure_future(programs.feed_stdin(connection, program.child))
         ending = await program.wait(timeout_s, stop=gateway)
         if gateway.done():
-            return  # nobody is left to tell
+            # Nobody is left to tell. Said in the log, since the gateway only sees the connection end
+            # (a run cut this way under a fork bomb in gVisor, once in a loaded suite, is unexplained).
+            cause = None if gateway.cancelled() else gateway.exception()
+            log.info("run %d: the gateway's side ended before the program (%r)", program.pid, cause)
+            return
         await connection.send_json(
             {
                 "exit": ending.exit,
