@@ -69,7 +69,8 @@ export class Tabs {
     return this.tabs.find((tab) => tab.path === path) ?? null;
   }
 
-  async open(path) {
+  // quietly: a file that is gone is no error (a tab remembered from before a reload).
+  async open(path, { quietly = false } = {}) {
     const open = this.find(path);
     if (open) return this.activate(open);
     try {
@@ -78,7 +79,7 @@ export class Tabs {
       this.activate(tab);
       this.remember();
     } catch (error) {
-      this.notify(describe(error));
+      if (!(quietly && error instanceof ApiError && error.status === 404)) this.notify(describe(error));
     }
   }
 
@@ -222,7 +223,8 @@ export class Tabs {
 
   async reopen() {
     const paths = JSON.parse(sessionStorage.getItem(OPEN_KEY) ?? "[]");
-    for (const path of paths) if (!this.find(path)) await this.open(path);
+    for (const path of paths) if (!this.find(path)) await this.open(path, { quietly: true });
+    this.remember();
   }
 
   setRuntime(runtime) {
