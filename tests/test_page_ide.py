@@ -242,7 +242,9 @@ async def test_drop_upload_rename_delete_and_download_a_folder(
     await expect(tab(page, "/workspace/site/index.html")).to_be_visible()
     await page.click("#rename")
     await answer(page, "home.html")
-    await expect(row(page, "/workspace/site/home.html")).to_be_visible(timeout=10_000)
+    await expect(row(page, "/workspace/site/home.html")).to_have_attribute(
+        "aria-selected", "true", timeout=10_000
+    )
     await expect(tab(page, "/workspace/site/home.html")).to_be_visible()
     assert await file_text(client, "site/home.html") == "<h1>hi</h1>"
     # A file downloads as itself (through a one-use link: the browser streams it to disk).

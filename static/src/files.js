@@ -88,11 +88,12 @@ export class FileTree {
     const folder = this.targetFolder();
     const name = await ask(`New file in ${folder}`, { value: "", confirm: "Create" });
     if (!name) return;
-    const path = `${folder}/${name}`;
     try {
-      await request("PUT", withQuery(`${FILES}/content`, { path, parents: true, overwrite: false }), { body: "" });
+      const query = { path: `${folder}/${name}`, parents: true, overwrite: false };
+      // The path as the gateway normalised it (a name may hold folders, or "..").
+      const { path } = await (await request("PUT", withQuery(`${FILES}/content`, query), { body: "" })).json();
+      this.selected = { path, kind: "file" };
       await this.showPath(path);
-      this.select(path, "file");
       this.onOpen(path);
     } catch (error) {
       this.notify(describe(error));
@@ -105,8 +106,8 @@ export class FileTree {
     if (!name) return;
     try {
       const made = await call("POST", `${FILES}/folders`, { path: `${folder}/${name}`, parents: true });
+      this.selected = { path: made.path, kind: "folder" };
       await this.showPath(made.path);
-      this.select(made.path, "folder");
     } catch (error) {
       this.notify(describe(error));
     }
@@ -120,10 +121,11 @@ export class FileTree {
     const to = `${parentOf(path)}/${name}`;
     try {
       const moved = await call("POST", `${FILES}/move`, { from: path, to });
+      // Selected at once: what the user does next acts on the new name, not the old one.
+      this.selected = { path: moved.path, kind: moved.kind };
       this.onMoved(path, moved.path);
       await this.refresh(parentOf(path));
       await this.showPath(moved.path);
-      this.select(moved.path, moved.kind);
     } catch (error) {
       this.notify(describe(error));
     }
