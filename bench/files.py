@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.files [--runs N] [--rounds R]
 
 1 KiB: a write (PUT /api/sandbox/files/content) and a read (GET of the same route) through the
-gateway; the same through the gateway's own files.write/files.read straight to the agent (no HTTP,
+gateway, and a read as the page downloads (POST /files/download-link, then GET of the link with no
+token); the same through the gateway's own files.write/files.read straight to the agent (no HTTP,
 auth or PostgreSQL: where the gateway's share ends); `docker exec` as user sandbox (read: `cat file`;
 write: `sh -c 'cat > file'` with the content on stdin) through aiodocker; and the engine's archive
 API, what `docker cp` uses (aiodocker's get_archive / put_archive, a one-file tar). Each path runs in
@@ -109,6 +110,18 @@ async def api_read(box: Sandbox, path: str) -> bytes:
         return await r.read()
 
 
+async def link_read(box: Sandbox, path: str) -> bytes:
+    """What the page does: a one-use download link (POST), then the download with no token (GET)."""
+    async with box.session.post(
+        box.url("/api/sandbox/files/download-link"), json={"path": path}, headers=box.headers
+    ) as r:
+        assert r.status == 201, await r.text()
+        url = (await r.json())["url"]
+    async with box.session.get(box.url(url)) as r:
+        assert r.status == 200, await r.text()
+        return await r.read()
+
+
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -181,6 +194,8 @@ SMALL_PATHS: dict[
     str, tuple[Callable[[Sandbox, str, bytes], Awaitable[None]], Callable[[Sandbox, str], Awaitable[bytes]]]
 ] = {
     "API (PUT/GET content)": (api_write, api_read),
+    # Its write is the API's; its read is the page's download.
+    "API, read by a link": (api_write, link_read),
     "agent op (no HTTP)": (agent_write, agent_read),
     "docker exec cat": (exec_write, exec_read),
     "docker cp (archive API)": (archive_write, archive_read),
