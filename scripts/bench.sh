@@ -17,6 +17,6 @@ command -v npm >/dev/null || apt_install npm
 command -v haproxy >/dev/null || apt_install haproxy
 cd "$ROOT"
 # abuse last: it exits 1 when a target is missed, and its terminal case can wedge a gateway until it is killed.
-for bench in lifecycle exec terminal proxy api disk runtime abuse; do
+for bench in lifecycle exec terminal proxy api disk runtime files abuse; do
     "$VENV/bin/python" -m "bench.$bench"
 done
