@@ -83,6 +83,17 @@ async def test_large_stdin_that_is_never_read_does_not_hang(sandbox: TestClient)
     assert (result["stdout"], result["timed_out"]) == ("ignored\n", False)
 
 
+async def test_a_run_that_ignores_a_large_stdin_always_gets_its_end(sandbox: TestClient) -> None:
+    """The agent's lingering close: it ended such runs' connections with the gateway's input unread,
+    the kernel answered the gateway's next write with a reset, and the run's end, already sent, was
+    lost (503 "broke the connection: Broken pipe", 3 runs in 150 before the fix)."""
+    for _ in range(100):
+        result = await run(
+            sandbox, language="bash", code="echo ignored", stdin="x" * 900_000, timeout_ms=5000
+        )
+        assert result["stdout"] == "ignored\n", result
+
+
 async def test_timeout_kills_a_busy_loop(sandbox: TestClient) -> None:
     result = await run(
         sandbox, language="node", code="console.log('before'); while (true) {}", timeout_ms=700

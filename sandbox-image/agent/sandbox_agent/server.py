@@ -31,6 +31,9 @@ HANDSHAKE_TIMEOUT_S = 2.0
 # one. Something on the host that holds connections open without a secret then cannot keep the
 # gateway out, whose own handshake completes within a round trip of its connect.
 MAX_UNAUTHENTICATED = 64
+# How long a finished operation's connection keeps reading what the gateway still sends (see _linger).
+LINGER_S = 2.0
+LINGER_READ = 64 * 1024
 
 Handler = Callable[["Connection", dict[str, Any]], Awaitable[None]]
 
@@ -92,11 +95,12 @@ class AgentServer:
             await self._dispatch(Connection(reader, writer), request)
         except (ProtocolError, ConnectionError, TimeoutError) as err:
             log.debug("connection ended: %r", err)
+            writer.transport.abort()
         except Exception:
             log.exception("operation failed")
         finally:
             self._unauthenticated.pop(writer.transport, None)
-            writer.close()
+            await _linger(reader, writer)
 
     async def _handshake(self, reader: asyncio.StreamReader) -> dict[str, Any]:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
@@ -124,6 +128,27 @@ class AgentServer:
         if handler is None:
             raise OpError("unknown_op", f"no operation {op!r}")
         return handler
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Closes a finished operation's connection as HTTP servers do a lingering close: our side ends
+    first, and what the gateway still sends is read and dropped until it closes too (at most LINGER_S).
+    Closing with input unread makes the kernel send a reset, and a reset can take with it what the
+    gateway had not read yet: a run's end, when its program exited without reading a large stdin that
+    the gateway was still writing (the gateway's write then fails, and its stream reader raises the
+    error before the frames it holds)."""
+    if writer.is_closing():
+        return
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(LINGER_READ):
+                pass
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    finally:
+        writer.close()
 
 
 def digest_of(secret: bytes) -> str:
