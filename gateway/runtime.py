@@ -45,8 +45,11 @@ LXCFS_FILES = (
 LXCFS_CHECK_TIMEOUT_S = 2.0
 # The CPUs a sandbox is pinned to, on its container: what the next start counts to spread the load.
 LABEL_CPUS = "sandbox-gateway.cpus"
-GVISOR_HOST_PIDS_PER_TASK = 10
-GVISOR_HOST_PIDS_AT_REST = 64
+# Measured about 10 per task at a fork bomb's peak (1,324 of a 1,344 cgroup for 128 guest tasks; the
+# sentry reaps its stubs late under load, and a full cgroup ended the sandbox once in ten loaded
+# bombs): 16 and 128 leave two fifths of the cgroup free at that peak.
+GVISOR_HOST_PIDS_PER_TASK = 16
+GVISOR_HOST_PIDS_AT_REST = 128
 RUNSC_DOCS = (
     'add to the engine\'s daemon.json: "runtimes": {"runsc": {"path": "/usr/bin/runsc", "runtimeArgs":'
     ' ["--platform=ptrace", "--network=host"]}} (apt-get install runsc), then send dockerd SIGHUP;'
@@ -87,10 +90,11 @@ def gvisor_pids(pids: int) -> GvisorPids:
 
     On the ptrace platform every guest process and thread costs the host stub processes and tracer
     threads in the sandbox's pids cgroup (measured with the 2022 runsc: about 50 at rest, then 1.5
-    per thread and 9 per process), and when the cgroup is full the sentry panics ("creating stub
-    process: resource temporarily unavailable") and the whole sandbox dies. So the guest's limit is
-    RLIMIT_NPROC, which the sentry counts for its own user namespace alone (fork fails with EAGAIN,
-    as under runc's pids cgroup), and the cgroup only bounds the host's cost, well above it.
+    per thread and 9 per process, 10 at a fork bomb's peak), and when the cgroup is full the sentry
+    panics ("creating stub process: resource temporarily unavailable") and the whole sandbox dies.
+    So the guest's limit is RLIMIT_NPROC, which the sentry counts for its own user namespace alone
+    (fork fails with EAGAIN, as under runc's pids cgroup), and the cgroup only bounds the host's
+    cost, well above it.
     (Under runc RLIMIT_NPROC would count the uid's processes across every sandbox on the host.)"""
     return GvisorPids(guest=pids, host=pids * GVISOR_HOST_PIDS_PER_TASK + GVISOR_HOST_PIDS_AT_REST)
 
