@@ -97,7 +97,7 @@ async def replace_editor_text(page: Page, text: str) -> None:
 
 
 async def test_a_file_made_in_the_tree_is_edited_saved_run_and_follows_the_disk(
-    page: Page, client: TestClient, settings: Settings
+    page: Page, client: TestClient, settings: Settings, artifacts: Path
 ) -> None:
     await started(page, client, settings)
     await expect(page.locator("#files-empty")).to_be_visible(timeout=10_000)
@@ -143,6 +143,7 @@ async def test_a_file_made_in_the_tree_is_edited_saved_run_and_follows_the_disk(
     await type_in_terminal(page, "echo \"print('theirs')\" > 'hé llo.py'")
     await expect(page.locator("#file-notice")).to_contain_text("changed on disk", timeout=10_000)
     await expect(tab(page, path)).to_have_class(re.compile("conflict"))
+    await page.screenshot(path=artifacts / "page-ide-changed-on-disk.png")
     await page.click("#editor .cm-content")
     await page.keyboard.press("Control+S")
     await expect(page.locator("#file-notice")).to_be_visible()
@@ -159,7 +160,7 @@ async def test_a_file_made_in_the_tree_is_edited_saved_run_and_follows_the_disk(
 
 
 async def test_terminal_tabs_and_open_files_come_back_after_a_reload(
-    page: Page, client: TestClient, settings: Settings
+    page: Page, client: TestClient, settings: Settings, artifacts: Path
 ) -> None:
     await started(page, client, settings)
     await type_in_terminal(page, "FIRST=one-$((6*7)); echo first-$((6*7))")
@@ -178,6 +179,7 @@ async def test_terminal_tabs_and_open_files_come_back_after_a_reload(
     await expect(page.locator("#terminal-status")).to_have_text("connected", timeout=15_000)
     await expect(active_terminal(page)).to_contain_text("second-42", timeout=10_000)
     await expect(tab(page, "/workspace/notes.md")).to_be_visible(timeout=10_000)
+    await page.screenshot(path=artifacts / "page-ide-after-reload.png")
     await page.locator("#terminal-tabs .tab").first.click()
     await expect(active_terminal(page)).to_contain_text("first-42", timeout=10_000)
     await type_in_terminal(page, "echo still-$FIRST")
@@ -197,7 +199,7 @@ async def test_terminal_tabs_and_open_files_come_back_after_a_reload(
 
 
 async def test_drop_upload_rename_delete_and_download_a_folder(
-    page: Page, client: TestClient, settings: Settings
+    page: Page, client: TestClient, settings: Settings, artifacts: Path
 ) -> None:
     await started(page, client, settings)
     made = await client.post(
@@ -222,6 +224,7 @@ async def test_drop_upload_rename_delete_and_download_a_folder(
     # The folder opens on what came in.
     await expect(row(page, "/workspace/site/index.html")).to_be_visible(timeout=10_000)
     await expect(row(page, "/workspace/site/blob.bin")).to_be_visible()
+    await page.screenshot(path=artifacts / "page-ide-dropped.png")
     blob = await client.get(CONTENT, params={"path": "site/blob.bin"}, headers=auth("alice"))
     assert await blob.read() == bytes([0, 159, 255, 1])
 
