@@ -57,7 +57,7 @@ function showSignedIn(token) {
 const STOPPED_MESSAGES = {
   signedOut: "Sign in with your token above.",
   none: "You have no sandbox yet. Start makes one: a container of your own, whose /workspace is kept between starts.",
-  stopped: "Your sandbox is stopped. Start brings it back with its files; the tabs you left unsaved are still here.",
+  stopped: "Your sandbox is stopped. Start brings it back with its files.",
   starting: "Starting your sandbox…",
 };
 
@@ -75,7 +75,10 @@ function showSandbox(next, { signedIn = true } = {}) {
   $("preview-hint").dataset.state = state;
   if (state === "stopped") $("preview-hint").textContent = "Your sandbox is stopped: Start brings it back with its files.";
   $("stopped").hidden = running;
-  $("stopped-message").textContent = STOPPED_MESSAGES[signedIn ? state : "signedOut"] ?? `Your sandbox is ${state}.`;
+  const unsaved = tabs.dirtyTabs().filter((tab) => tab.path).length;
+  $("stopped-message").textContent =
+    (STOPPED_MESSAGES[signedIn ? state : "signedOut"] ?? `Your sandbox is ${state}.`) +
+    (unsaved && signedIn ? ` Your ${unsaved} unsaved tab${unsaved === 1 ? " is" : "s are"} kept here: save once it runs.` : "");
   $("start-again").hidden = !signedIn || running;
   for (const id of FILE_CONTROLS) $(id).disabled = !running;
   if (running && !watch.open) watch.start();
