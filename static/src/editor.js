@@ -12,6 +12,7 @@ import { markdown } from "@codemirror/lang-markdown";
 import { python } from "@codemirror/lang-python";
 import { shell } from "@codemirror/legacy-modes/mode/shell";
 import { oneDark } from "@codemirror/theme-one-dark";
+import { extensionOf, nameOf } from "./paths.js";
 
 const LANGUAGES = {
   javascript: () => javascript({ jsx: true }),
@@ -39,11 +40,10 @@ const LANGUAGE_OF_EXTENSION = {
 // The runtimes of the execute API, for the scratch document.
 export const RUNTIME_LANGUAGE = { node: "javascript", python: "python", bash: "shell" };
 
-export function languageOfName(name) {
-  const lower = name.toLowerCase();
-  if (lower === "dockerfile" || lower === "makefile") return "shell";
-  const dot = lower.lastIndexOf(".");
-  return (dot > 0 && LANGUAGE_OF_EXTENSION[lower.slice(dot + 1)]) || "text";
+export function languageOfName(path) {
+  const name = nameOf(path).toLowerCase();
+  if (name === "dockerfile" || name === "makefile") return "shell";
+  return LANGUAGE_OF_EXTENSION[extensionOf(path)] ?? "text";
 }
 
 export class CodeEditor {

@@ -3,11 +3,10 @@
 // drop or by picking, download of a file or of a folder as a zip.
 import { call, describe, request, withQuery } from "./api.js";
 import { ask } from "./dialog.js";
-import { nameOf } from "./tabs.js";
+import { nameOf, parentOf } from "./paths.js";
 
 export const ROOT = "/workspace";
 const FILES = "/api/sandbox/files";
-const parentOf = (path) => path.slice(0, path.lastIndexOf("/")) || "/";
 
 export class FileTree {
   // element: the tree's container; onOpen(path): a file clicked; onMoved(from, to): a rename.

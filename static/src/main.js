@@ -5,6 +5,7 @@ import "./style.css";
 import { ApiError, call, describe, storeToken, storedToken, takeTokenFromFragment, userOf } from "./api.js";
 import { CodeEditor } from "./editor.js";
 import { FileTree, ROOT } from "./files.js";
+import { parentOf } from "./paths.js";
 import { showShares, wirePreview } from "./preview.js";
 import { Runner, runtimeOf } from "./run.js";
 import { Tabs } from "./tabs.js";
@@ -142,7 +143,7 @@ async function runActive() {
   const runtime = runtimeOf(tab.path);
   if (!runtime) return runner.status(`Run knows .js (node), .py (python3) and .sh (bash) files; ${tab.name} is none`, false);
   if (editor.isDirty(tab.document) && !(await tabs.save(tab))) return;
-  await runner.run({ argv: [runtime, tab.path], cwd: tab.path.slice(0, tab.path.lastIndexOf("/")) });
+  await runner.run({ argv: [runtime, tab.path], cwd: parentOf(tab.path) });
 }
 
 $("sign-in").addEventListener("submit", (event) => {

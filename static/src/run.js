@@ -2,6 +2,7 @@
 // output pane as it comes. EventSource cannot send an Authorization header, so the stream is read
 // with fetch, and parsed here as the server-sent events it is.
 import { ApiError, call, describe, request } from "./api.js";
+import { extensionOf } from "./paths.js";
 
 const RECONNECT_DELAY_MS = 1000;
 const RECONNECT_TRIES = 5;
@@ -10,8 +11,7 @@ const RECONNECT_TRIES = 5;
 const RUNTIME_OF_EXTENSION = { js: "node", mjs: "node", cjs: "node", py: "python3", sh: "bash", bash: "bash" };
 
 export function runtimeOf(path) {
-  const dot = path.lastIndexOf(".");
-  return dot > path.lastIndexOf("/") ? (RUNTIME_OF_EXTENSION[path.slice(dot + 1).toLowerCase()] ?? null) : null;
+  return RUNTIME_OF_EXTENSION[extensionOf(path)] ?? null;
 }
 
 // One event of a text/event-stream: {event, id, data}. `blocks` yields the text between blank lines.

@@ -4,6 +4,8 @@
 import { ApiError, describe, request, withQuery } from "./api.js";
 import { ask } from "./dialog.js";
 import { RUNTIME_LANGUAGE, languageOfName } from "./editor.js";
+import { nameOf } from "./paths.js";
+import { tabElement } from "./tabbar.js";
 
 const CONTENT = "/api/sandbox/files/content";
 const STAT = "/api/sandbox/files/stat";
@@ -20,7 +22,6 @@ const SAMPLES = {
 
 const EXTENSION_OF_RUNTIME = { node: ".js", python: ".py", bash: ".sh" };
 
-export const nameOf = (path) => path.slice(path.lastIndexOf("/") + 1);
 const isUnder = (path, folder) => path === folder || path.startsWith(folder.endsWith("/") ? folder : `${folder}/`);
 
 async function readText(path) {
@@ -247,34 +248,26 @@ export class Tabs {
   }
 
   renderTab(tab) {
-    const item = document.createElement("div");
-    item.className = "tab";
-    item.setAttribute("role", "tab");
-    item.setAttribute("aria-selected", String(tab === this.active));
-    item.title = tab.path ?? "A scratch buffer: Run runs it with the language picked beside it";
-    if (tab.path) item.dataset.path = tab.path;
-    const name = document.createElement("span");
-    name.textContent = tab.name;
-    item.append(name);
     tab.dirty = this.editor.isDirty(tab.document);
+    let marker = null;
     if (tab.dirty && tab.path) {
-      const dirty = document.createElement("span");
-      dirty.className = "dirty";
-      dirty.title = "unsaved changes";
-      dirty.textContent = "●";
-      item.append(dirty);
+      marker = document.createElement("span");
+      marker.className = "dirty";
+      marker.title = "unsaved changes";
+      marker.textContent = "●";
     }
+    const closable = tab !== this.scratch;
+    const item = tabElement({
+      name: tab.name,
+      selected: tab === this.active,
+      title: tab.path ?? "A scratch buffer: Run runs it with the language picked beside it",
+      marker,
+      onActivate: () => this.activate(tab),
+      onClose: closable ? () => this.close(tab) : null,
+    });
+    if (tab.path) item.dataset.path = tab.path;
     if (tab.disk) item.classList.add("conflict");
-    if (tab !== this.scratch) {
-      const close = document.createElement("button");
-      close.className = "quiet close";
-      close.title = `Close ${tab.name}`;
-      close.textContent = "×";
-      close.addEventListener("click", (event) => (event.stopPropagation(), this.close(tab)));
-      item.append(close);
-    }
-    item.addEventListener("click", () => this.activate(tab));
-    item.addEventListener("auxclick", (event) => event.button === 1 && this.close(tab));
+    if (closable) item.addEventListener("auxclick", (event) => event.button === 1 && this.close(tab));
     return item;
   }
 

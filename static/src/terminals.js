@@ -2,6 +2,7 @@
 // a reload. Their ids are kept per browser tab (sessionStorage, as the token): the gateway keeps a
 // detached terminal for TERMINAL_GRACE_S, and each reattaches with its replay (README, "The web terminal").
 import { call } from "./api.js";
+import { tabElement } from "./tabbar.js";
 import { SandboxTerminal } from "./terminal.js";
 
 const STORED_KEY = "sandbox-gateway.terminals";
@@ -27,11 +28,6 @@ export class TerminalTabs {
     const ids = stored?.ids?.length ? stored.ids : [null];
     for (const id of ids) this.add(id);
     this.activate(this.tabs[Math.min(stored?.active ?? 0, this.tabs.length - 1)]);
-  }
-
-  // Whether this browser tab left terminals it can go back to.
-  get stored() {
-    return Boolean(JSON.parse(sessionStorage.getItem(STORED_KEY) ?? "null")?.ids?.length);
   }
 
   add(id = null) {
@@ -104,22 +100,15 @@ export class TerminalTabs {
   render() {
     const { bar } = this.elements;
     const add = bar.lastElementChild;
-    const items = this.tabs.map((tab) => {
-      const item = document.createElement("div");
-      item.className = "tab";
-      item.setAttribute("role", "tab");
-      item.setAttribute("aria-selected", String(tab === this.active));
-      const name = document.createElement("span");
-      name.textContent = tab.name;
-      const close = document.createElement("button");
-      close.className = "quiet close";
-      close.title = `Close ${tab.name} (ends its shell)`;
-      close.textContent = "×";
-      close.addEventListener("click", (event) => (event.stopPropagation(), this.close(tab)));
-      item.append(name, close);
-      item.addEventListener("click", () => this.activate(tab));
-      return item;
-    });
+    const items = this.tabs.map((tab) =>
+      tabElement({
+        name: tab.name,
+        selected: tab === this.active,
+        onActivate: () => this.activate(tab),
+        onClose: () => this.close(tab),
+        closeTitle: `Close ${tab.name} (ends its shell)`,
+      }),
+    );
     bar.replaceChildren(...items, add);
   }
 }
