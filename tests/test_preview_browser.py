@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,29 @@ async def origin_of(client: TestClient, user: str = "alice") -> str:
     return origin
 
 
-async def answering(client: TestClient, origin: str, timeout_s: float, user: str = "alice") -> None:
-    """Waits until the dev server behind the user's preview origin answers 200 at its root."""
+async def answering(
+    client: TestClient, origin: str, timeout_s: float, user: str = "alice", log: str | None = None
+) -> None:
+    """Waits until the dev server behind the user's preview origin answers 200 at its root. When it
+    does not, the failure shows the last answer, the sandbox's processes and the end of `log`."""
+    last = ""
 
     async def answers() -> bool:
+        nonlocal last
         answer = await client.get("/", headers={"Host": origin.split("//", 1)[1], **auth(user)})
+        last = f"{answer.status} {(await answer.text())[:300]!r}"
         return answer.status == 200
 
-    await poll(answers, timeout_s=timeout_s)
+    try:
+        await poll(answers, timeout_s=timeout_s)
+    except pytest.fail.Exception:
+        tail = f"tail -c 3000 {shlex.quote(log)};" if log else ""
+        seen = await client.post(
+            "/api/sandbox/exec",
+            headers=auth(user),
+            json={"language": "bash", "code": f"{tail} ps -eo pid,stat,etime,rss,args", "timeout_ms": 10_000},
+        )
+        pytest.fail(f"{origin} did not answer 200 within {timeout_s} s; last: {last}\n{await seen.text()}")
 
 
 async def preview_frame(page: Page, origin: str) -> Frame:
@@ -285,7 +301,7 @@ async def test_other_templates_load_every_asset_and_hot_reload(
     await start_template(client, docker, template)
     failures = failed_requests(page)
     origin = await origin_of(client)
-    await answering(client, origin, timeout_s=60)
+    await answering(client, origin, timeout_s=60, log=f"/workspace/{template}-app/dev.log")
     frame, counter = await shown_and_counting(page, origin)
     await frame.evaluate("window.__survivesHotReload = 'yes'")
     if template in COUNTER_FILES:
