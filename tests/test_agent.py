@@ -251,9 +251,12 @@ async def test_a_flood_of_connections_from_inside_does_not_stop_runs(sandbox: Te
     assert not flood.exception()
     print(
         f"\nrun latency p50: {quiet * 1000:.1f} ms quiet, {statistics.median(during) * 1000:.1f} ms flooded"
+        f" (max {max(during) * 1000:.0f} ms, {opened} connections)"
     )
     assert statistics.median(during) < max(10 * quiet, 0.5)
-    assert max(during) < 5
+    # Under a second: a gateway connection the full backlog dropped would wait for its SYN's first
+    # retransmission, a second later (the agent's asyncio accept once let that happen).
+    assert max(during) < 1.0
 
 
 @pytest.mark.runtimes

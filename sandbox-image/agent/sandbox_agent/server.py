@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +35,11 @@ MAX_UNAUTHENTICATED = 64
 # How long a finished operation's connection keeps reading what the gateway still sends (see _linger).
 LINGER_S = 2.0
 LINGER_READ = 64 * 1024
+# Connections taken from a listener's backlog at one wake-up, before other work gets a turn.
+ACCEPT_BATCH = 256
+BACKLOG = 1024
+# How long a listener rests after an accept fails (out of descriptors) before it tries again.
+ACCEPT_RETRY_S = 1.0
 
 Handler = Callable[["Connection", dict[str, Any]], Awaitable[None]]
 
@@ -63,26 +69,66 @@ class AgentServer:
         self._operations = operations
         # Transports still in their handshake, oldest first (dicts keep insertion order).
         self._unauthenticated: dict[asyncio.WriteTransport, None] = {}
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[socket.socket] = []
+        # The connections being served (the loop holds tasks weakly).
+        self._serving: set[asyncio.Task[None]] = set()
 
     async def start(self, port: int = PORT) -> None:
         # Both families: the engine may reach the sandbox over either. Bound before anything else
         # is imported or started, so that the gateway's first connection finds it.
         # Every interface of the sandbox: Docker's proxy comes in on its bridge address, and what comes
         # from inside is refused at accept (_from_inside).
-        wildcard = "0.0.0.0"  # noqa: S104
-        self._servers.append(await asyncio.start_server(self._accept, wildcard, port, backlog=256))
+        self._listeners.append(_listening(socket.AF_INET, "0.0.0.0", port))  # noqa: S104
         if socket.has_ipv6:
-            # No IPv6 in this sandbox, or the IPv4 wildcard above took both families.
+            # No IPv6 in this sandbox is no error.
             with contextlib.suppress(OSError):
-                self._servers.append(await asyncio.start_server(self._accept, "::", port, backlog=256))
+                self._listeners.append(_listening(socket.AF_INET6, "::", port))
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.add_reader(listener, self._accept_ready, listener)
 
     async def serve_forever(self) -> None:
-        await asyncio.gather(*(server.serve_forever() for server in self._servers))
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_future()
+        finally:
+            for listener in self._listeners:
+                loop.remove_reader(listener)
+                listener.close()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if _from_inside(writer):
-            writer.transport.abort()
+    def _accept_ready(self, listener: socket.socket) -> None:
+        """Takes what the listener's backlog holds. A connection from inside is closed here, on the bare
+        socket, before asyncio makes a transport, a protocol and a task for it: a flood from inside
+        then costs a few microseconds a connection, so the backlog keeps draining, and the gateway's
+        connection is not among those the kernel drops when it is full (it would wait a SYN
+        retransmission, a second or more)."""
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                connection, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                # Out of descriptors, most likely: the backlog waits a while rather than spin.
+                log.warning("accept failed, resting %g s: %s", ACCEPT_RETRY_S, err)
+                loop.remove_reader(listener)
+                loop.call_later(ACCEPT_RETRY_S, loop.add_reader, listener, self._accept_ready, listener)
+                return
+            if _from_inside(peer, connection.getsockname()):
+                # A reset, not a FIN: no TIME_WAIT left behind for each of a flood's connections.
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()
+                continue
+            connection.setblocking(False)
+            task = loop.create_task(self._serve(connection))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, connection: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=connection)
+        except OSError:
+            connection.close()
             return
         if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
             oldest = next(iter(self._unauthenticated))
@@ -155,9 +201,23 @@ def digest_of(secret: bytes) -> str:
     return hashlib.sha256(secret).hexdigest()
 
 
-def _from_inside(writer: asyncio.StreamWriter) -> bool:
+def _listening(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        listener.bind((host, port))
+        listener.listen(BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _from_inside(peer: Any, local: Any) -> bool:
     """Whether the peer is this sandbox: loopback, or its own address (the local end's)."""
-    peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
     if not peer or not local:
         return True
     address = ipaddress.ip_address(peer[0].split("%")[0])
