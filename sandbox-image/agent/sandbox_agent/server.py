@@ -112,7 +112,7 @@ class AgentServer:
                 # Out of descriptors, most likely: the backlog waits a while rather than spin.
                 log.warning("accept failed, resting %g s: %s", ACCEPT_RETRY_S, err)
                 loop.remove_reader(listener)
-                loop.call_later(ACCEPT_RETRY_S, loop.add_reader, listener, self._accept_ready, listener)
+                loop.call_later(ACCEPT_RETRY_S, self._resume, listener)
                 return
             if _from_inside(peer, connection.getsockname()):
                 # A reset, not a FIN: no TIME_WAIT left behind for each of a flood's connections.
@@ -123,6 +123,11 @@ class AgentServer:
             task = loop.create_task(self._serve(connection))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
+
+    def _resume(self, listener: socket.socket) -> None:
+        # Not on a listener serve_forever has closed meanwhile (fileno -1).
+        if listener.fileno() != -1:
+            asyncio.get_running_loop().add_reader(listener, self._accept_ready, listener)
 
     async def _serve(self, connection: socket.socket) -> None:
         try:
